@@ -1,0 +1,225 @@
+"""DiT with adaLN-Zero (Peebles & Xie), conditioned on t, (t - r) and a class label, with a dual form.
+
+    c = T_t(t) + T_h(t - r) + Y(y)                              # (B, D) conditioning
+    per block: shift, scale, gate (x2) = Linear(SiLU(c))
+               x = x + gate_a * Attn(LN(x) * (1 + scale_a) + shift_a)
+               x = x + gate_m * MLP (LN(x) * (1 + scale_m) + shift_m)
+
+``forward(z, r, t, y)`` is the plain network u(z, r, t | y). ``dual(z, r, t, y, dz, dr, dt)`` returns (u, du): the
+same u with its graph, and its directional derivative along (dz, dr, dt) with no graph. Attention and adaLN call
+mfkernels, which picks the Triton kernels or the torch reference.
+"""
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mfkernels
+from meanflow.models.inputs import check_model_inputs
+from meanflow.models.layers import LabelEmbedder, Mlp, TimestepEmbedder, linear_dual, silu_dual
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _split_heads(self, qkv):
+        B, N, C3 = qkv.shape
+        qkv = qkv.view(B, N, 3, self.num_heads, C3 // (3 * self.num_heads)).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)  # 3 x (B, H, N, Dh)
+
+    @staticmethod
+    def _merge_heads(o):
+        B, H, N, Dh = o.shape
+        return o.transpose(1, 2).reshape(B, N, H * Dh)  # (B, N, C)
+
+    def forward(self, x):
+        q, k, v = self._split_heads(self.qkv(x))
+        return self.proj(self._merge_heads(mfkernels.attention(q, k, v)))
+
+    def dual(self, x, dx):
+        qkv, dqkv = linear_dual(self.qkv, x, dx)
+        q, k, v = self._split_heads(qkv)
+        dq, dk, dv = self._split_heads(dqkv)
+        o, do = mfkernels.attention_jvp(q, k, v, dq, dk, dv)
+        return linear_dual(self.proj, self._merge_heads(o), self._merge_heads(do))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.attn = Attention(hidden, num_heads)
+        self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x, c):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = mfkernels.gated_residual(x, gate_a, self.attn(mfkernels.adaln_modulate(x, shift_a, scale_a)))
+        x = mfkernels.gated_residual(x, gate_m, self.mlp(mfkernels.adaln_modulate(x, shift_m, scale_m)))
+        return x  # (B, N, D)
+
+    def dual(self, x, dx, c, dc):
+        mod, dmod = linear_dual(self.adaLN_modulation[1], *silu_dual(c, dc))
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=1)
+        dshift_a, dscale_a, dgate_a, dshift_m, dscale_m, dgate_m = dmod.chunk(6, dim=1)
+        h, dh = mfkernels.adaln_modulate_jvp(x, shift_a, scale_a, dx, dshift_a, dscale_a)
+        h, dh = self.attn.dual(h, dh)
+        x, dx = mfkernels.gated_residual_jvp(x, gate_a, h, dx, dgate_a, dh)
+        h, dh = mfkernels.adaln_modulate_jvp(x, shift_m, scale_m, dx, dshift_m, dscale_m)
+        h, dh = self.mlp.dual(h, dh)
+        return mfkernels.gated_residual_jvp(x, gate_m, h, dx, dgate_m, dh)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, patch: int, out_channels: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(mfkernels.adaln_modulate(x, shift, scale))
+
+    def dual(self, x, dx, c, dc):
+        mod, dmod = linear_dual(self.adaLN_modulation[1], *silu_dual(c, dc))
+        shift, scale = mod.chunk(2, dim=1)
+        dshift, dscale = dmod.chunk(2, dim=1)
+        h, dh = mfkernels.adaln_modulate_jvp(x, shift, scale, dx, dshift, dscale)
+        return linear_dual(self.linear, h, dh)
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding (MAE/DiT), (grid*grid, dim) in float64."""
+    if dim % 4:
+        raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2-D sin-cos position embedding")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+    gh, gw = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
+
+    def embed(pos):
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([embed(gw), embed(gh)], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the model
+# ----------------------------------------------------------------------------------------------------------------------
+
+class DiT(nn.Module):
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        time_scale: float = 1000.0,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.num_classes = num_classes
+        self.sample_shape = (in_channels, input_size, input_size)
+        self.check_values = True  # the trainer turns value checks off: it builds r, t and y itself
+        grid = input_size // patch_size
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
+        self.h_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)  # embeds the interval t - r
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        pos = torch.from_numpy(sincos_pos_embed_2d(hidden_size, grid)).float()[None]
+        self.register_buffer("pos_embed", pos, persistent=False)  # (1, T, D), fixed
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's init: xavier linears, zeroed adaLN modulation and output, so every block starts as the identity."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        for emb in (self.t_embedder, self.h_embedder):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.linear.parameters()):
+            nn.init.zeros_(p)
+
+    # --------------------------------------------------------------------------------------------------------------
+
+    def _check(self, z, r, t, y, **tangents):
+        check_model_inputs(z, r, t, y, sample_shape=self.sample_shape, num_classes=self.num_classes,
+                           check_values=self.check_values, **tangents)
+
+    def _labels(self, y, batch, device):
+        if self.y_embedder is None:
+            return None
+        if y is None:  # no labels on a conditional model: the null class, i.e. unconditional
+            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        return y
+
+    def _tokens(self, z):
+        return self.x_embedder(z).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
+
+    def _unpatchify(self, x):
+        B, T, _ = x.shape
+        p, C, g = self.patch_size, self.in_channels, self.input_size // self.patch_size
+        x = x.reshape(B, g, g, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, g * p, g * p)  # (B, C, H, W)
+
+    def forward(self, z, r, t, y=None):
+        """u(z, r, t | y): z (B, C, H, W), r and t (B,) with r <= t, y (B,) integer labels or None."""
+        self._check(z, r, t, y)
+        y = self._labels(y, z.shape[0], z.device)
+        x = self._tokens(z)
+        c = self.t_embedder(t) + self.h_embedder(t - r)  # (B, D)
+        if y is not None:
+            c = c + self.y_embedder(y)
+        for block in self.blocks:
+            x = block(x, c)
+        return self._unpatchify(self.final_layer(x, c))
+
+    def dual(self, z, r, t, y, dz, dr, dt):
+        """(u, du): u as in forward (with its graph), du = J u . (dz, dr, dt) with no graph.
+
+        dr and dt are tensors of shape (B,) (the tangents of r and t).
+        """
+        self._check(z, r, t, y, dz=dz)
+        y = self._labels(y, z.shape[0], z.device)
+        x = self._tokens(z)
+        with torch.no_grad():
+            dx = F.conv2d(dz.to(self.x_embedder.weight.dtype), self.x_embedder.weight, stride=self.patch_size)
+            dx = dx.flatten(2).transpose(1, 2)  # (B, T, D); bias and position embedding are constant
+        c, dc = self.t_embedder.dual(t, dt)
+        h, dh = self.h_embedder.dual(t - r, dt - dr)
+        c, dc = c + h, dc + dh
+        if y is not None:
+            c = c + self.y_embedder(y)  # labels are discrete: no tangent
+        for block in self.blocks:
+            x, dx = block.dual(x, dx, c, dc)
+        out, dout = self.final_layer.dual(x, dx, c, dc)
+        return self._unpatchify(out), self._unpatchify(dout)

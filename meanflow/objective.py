@@ -1,0 +1,160 @@
+"""The MeanFlow objective: time sampling, the target from the MeanFlow identity, adaptive weighting, and
+classifier-free guidance inside training.
+
+Conventions: data x at t = 0, noise e at t = 1, z_t = (1 - t) x + t e, conditional velocity v = e - x.
+
+    (u, du/dt) = JVP of u(z, r, t | y) along (v~, 0, 1)
+    u_tgt      = sg(v~ - (t - r) du/dt)
+    L          = sum over dims (u - u_tgt)^2,      loss = mean_batch  L / sg(L + c)^p
+
+Guidance in training: for t in [t_start, t_end] and rows whose label was kept,
+    v~ = w v + k u(z, t, t | y) + (1 - w - k) u(z, t, t | null)      (both u's under no_grad)
+otherwise v~ = v. With ratio_r_neq_t = 0 every r equals t, the JVP term vanishes and the loss is flow matching.
+
+All randomness of a step (noise, times, which rows have r = t, label drops) is drawn by ``draw`` for the *global*
+batch from one generator, so a run gives the same samples whatever its number of processes (each rank slices
+its rows with ``Draw.rows``).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from meanflow.jvp import ENGINES, u_and_dudt
+
+TIME_SAMPLERS = ("logit_normal", "uniform")
+
+
+@dataclass
+class ObjectiveConfig:
+    time_sampler: str = "logit_normal"  # or "uniform"
+    time_mu: float = -0.4
+    time_sigma: float = 1.0
+    ratio_r_neq_t: float = 0.25  # fraction of the batch with r != t; 0 gives plain flow matching
+    tangent_r: float = 0.0  # the paper's tangent is (v, 0, 1); change only to reproduce its Table 1b ablation
+    tangent_t: float = 1.0
+    adaptive_p: float = 1.0  # p = 0: plain L2
+    adaptive_c: float = 1e-3
+    class_drop: float = 0.1  # probability a label is replaced by the null class
+    cfg_w: float = 1.0  # w = 1, k = 0: no guidance in training
+    cfg_k: float = 0.0
+    cfg_t_start: float = 0.0
+    cfg_t_end: float = 1.0
+    engine: str = "dual"  # "dual" or "func" (the torch.func.jvp reference)
+
+    def validate(self):
+        def bad(key, why):
+            raise ValueError(f"objective.{key}: {why}")
+
+        if self.time_sampler not in TIME_SAMPLERS:
+            bad("time_sampler", f"must be one of {TIME_SAMPLERS}, got {self.time_sampler!r}")
+        if self.engine not in ENGINES:
+            bad("engine", f"must be one of {ENGINES}, got {self.engine!r}")
+        if not 0.0 <= self.ratio_r_neq_t <= 1.0:
+            bad("ratio_r_neq_t", f"must lie in [0, 1], got {self.ratio_r_neq_t}")
+        if not 0.0 <= self.class_drop < 1.0:
+            bad("class_drop", f"must lie in [0, 1), got {self.class_drop}")
+        if self.time_sigma <= 0:
+            bad("time_sigma", f"must be > 0, got {self.time_sigma}")
+        if self.adaptive_c <= 0 and self.adaptive_p != 0:
+            bad("adaptive_c", f"must be > 0 when adaptive_p != 0, got {self.adaptive_c}")
+        if not 0.0 <= self.cfg_t_start <= self.cfg_t_end <= 1.0:
+            bad("cfg_t_start", f"need 0 <= cfg_t_start <= cfg_t_end <= 1, got {self.cfg_t_start}, {self.cfg_t_end}")
+        return self
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_w != 1.0 or self.cfg_k != 0.0
+
+
+@dataclass
+class Draw:
+    """The random part of one step for a global batch: noise e, times r <= t, and which labels are dropped."""
+
+    e: torch.Tensor
+    r: torch.Tensor
+    t: torch.Tensor
+    drop: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> "Draw":
+        return Draw(self.e[start:stop], self.r[start:stop], self.t[start:stop], self.drop[start:stop])
+
+    def to(self, device, dtype=None) -> "Draw":
+        dtype = dtype or self.e.dtype
+        return Draw(self.e.to(device, dtype), self.r.to(device, dtype), self.t.to(device, dtype),
+                    self.drop.to(device))
+
+
+def sample_times(cfg: ObjectiveConfig, batch: int, generator=None, dtype=torch.float32):
+    """(r, t) with 0 <= r <= t <= 1; a fraction (1 - ratio_r_neq_t) of rows (exact count) has r = t."""
+    if cfg.time_sampler == "logit_normal":
+        s = torch.sigmoid(torch.randn(2, batch, generator=generator, dtype=torch.float64) * cfg.time_sigma + cfg.time_mu)
+    else:
+        s = torch.rand(2, batch, generator=generator, dtype=torch.float64)
+    t, r = s.max(0).values, s.min(0).values
+    n_equal = round((1.0 - cfg.ratio_r_neq_t) * batch)
+    equal = torch.randperm(batch, generator=generator)[:n_equal]
+    r[equal] = t[equal]
+    return r.to(dtype), t.to(dtype)
+
+
+def draw(cfg: ObjectiveConfig, batch: int, sample_shape, generator=None, dtype=torch.float32) -> Draw:
+    e = torch.randn(batch, *sample_shape, generator=generator, dtype=dtype)
+    r, t = sample_times(cfg, batch, generator, dtype)
+    drop = torch.rand(batch, generator=generator) < cfg.class_drop
+    return Draw(e, r, t, drop)
+
+
+def meanflow_target(v, r, t, dudt):
+    """u_tgt = v - (t - r) du/dt, with (t - r) broadcast over the sample dims."""
+    return v - (t - r).view(-1, *([1] * (v.dim() - 1))) * dudt
+
+
+def adaptive_loss(u, target, p, c):
+    """Per-sample L = sum (u - target)^2 weighted by 1 / sg(L + c)^p; returns (loss mean, L per sample)."""
+    per_sample = (u - target).pow(2).flatten(1).sum(1)
+    if p == 0:
+        return per_sample.mean(), per_sample.detach()
+    weight = (per_sample.detach() + c).pow(-p)
+    return (per_sample * weight).mean(), per_sample.detach()
+
+
+def _expand(s, like):
+    return s.view(-1, *([1] * (like.dim() - 1)))
+
+
+@torch.no_grad()
+def guided_velocity(model, cfg: ObjectiveConfig, z, t, y, v, dropped):
+    """v~ = w v + k u(z,t,t|y) + (1-w-k) u(z,t,t|null) on rows with t in the guidance interval and a kept label."""
+    null = torch.full_like(y, model.num_classes)
+    active = (t >= cfg.cfg_t_start) & (t <= cfg.cfg_t_end) & ~dropped
+    v_guided = cfg.cfg_w * v
+    if cfg.cfg_k != 0.0:
+        v_guided = v_guided + cfg.cfg_k * model(z, t, t, y)
+    if 1.0 - cfg.cfg_w - cfg.cfg_k != 0.0:
+        v_guided = v_guided + (1.0 - cfg.cfg_w - cfg.cfg_k) * model(z, t, t, null)
+    return torch.where(_expand(active, v), v_guided, v)
+
+
+def meanflow_loss(model, x, y, d: Draw, cfg: ObjectiveConfig):
+    """One MeanFlow loss on data x (B, ...) with labels y (or None) and the step's randomness d.
+
+    Returns (loss, stats) where stats holds detached per-batch diagnostics.
+    """
+    e, r, t = d.e, d.r, d.t
+    z = (1 - _expand(t, x)) * x + _expand(t, x) * e
+    v = e - x
+    if y is not None and model.num_classes > 0:
+        y = torch.where(d.drop, torch.full_like(y, model.num_classes), y)
+        if cfg.guided:
+            v = guided_velocity(model, cfg, z, t, y, v, d.drop)
+    if cfg.ratio_r_neq_t == 0.0:  # flow matching: r = t everywhere, no JVP needed
+        u = model(z, t, t, y)
+        target = v
+    else:
+        u, dudt = u_and_dudt(model, z, r, t, y, v, engine=cfg.engine, tangent_r=cfg.tangent_r,
+                             tangent_t=cfg.tangent_t, check_values=False)
+        target = meanflow_target(v, r, t, dudt)
+    loss, per_sample = adaptive_loss(u, target.detach(), cfg.adaptive_p, cfg.adaptive_c)
+    stats = {"mse": per_sample.mean() / x[0].numel()}
+    return loss, stats

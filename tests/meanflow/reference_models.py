@@ -1,0 +1,92 @@
+"""Models for tests: small random networks (every weight drawn, so zero-init cannot hide a wrong tangent) and the
+closed-form average velocity of Gaussian data, whose flow is affine.
+
+Gaussian data x ~ N(m, s^2 I), noise e ~ N(0, I), z_t = (1 - t) x + t e. The marginal of z_t is
+N((1 - t) m, sigma_t^2 I) with sigma_t = sqrt((1 - t)^2 s^2 + t^2), and the flow of the marginal velocity maps
+quantile to quantile:
+
+    phi_{t->r}(z) = (1 - r) m + (sigma_r / sigma_t) (z - (1 - t) m)
+    v(z, t)       = -m + (sigma_t' / sigma_t) (z - (1 - t) m),     sigma_t' = (t - (1 - t) s^2) / sigma_t
+    u(z, r, t)    = (z - phi_{t->r}(z)) / (t - r)                  (the true average velocity, r < t)
+"""
+
+import torch
+import torch.nn as nn
+
+from meanflow.models import create_model
+
+
+def randomize(model, std=0.1, generator=None):
+    """Draw every parameter from N(0, std^2): the zero-initialised adaLN and output layers included."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
+    return model
+
+
+def small_model(kind, dtype=torch.float64):
+    if kind == "dit":
+        model = create_model("DiT-Nano/2", input_size=6, in_channels=3, num_classes=4, hidden_size=32, num_heads=2)
+    elif kind == "dit_uncond":
+        model = create_model("DiT-Nano/2", input_size=4, in_channels=2, num_classes=0, hidden_size=32, num_heads=4)
+    elif kind == "mlp":
+        model = create_model("MLP", dim=5, width=24, depth=2, num_classes=3)
+    else:
+        raise ValueError(kind)
+    return randomize(model.to(dtype))
+
+
+def random_inputs(model, batch=3, dtype=torch.float64, margin=0.1):
+    """Fresh (z, r, t, y, v) with r + margin <= t so that finite differences stay inside [0, 1]."""
+    z = torch.randn(batch, *model.sample_shape, dtype=dtype)
+    v = torch.randn_like(z)
+    t = torch.rand(batch, dtype=dtype) * (0.8 - margin) + 0.1 + margin
+    r = t - margin - torch.rand(batch, dtype=dtype) * (t - 0.1 - margin)
+    y = None
+    if model.num_classes > 0:
+        y = torch.randint(0, model.num_classes + 1, (batch,))  # includes the null class
+    return z, r, t, y, v
+
+
+class GaussianAverageVelocity(nn.Module):
+    """The exact average velocity u(z, r, t) of N(m, s^2 I) data, with a hand-derived dual (no autograd)."""
+
+    num_classes = 0
+
+    def __init__(self, m, s):
+        super().__init__()
+        self.register_buffer("m", m)
+        self.s2 = float(s) ** 2
+        self.sample_shape = tuple(m.shape)
+
+    def _e(self, x):
+        return x.view(-1, *([1] * len(self.sample_shape)))
+
+    def sigma(self, t):
+        return torch.sqrt((1 - t) ** 2 * self.s2 + t**2)
+
+    def dsigma(self, t):
+        return (t - (1 - t) * self.s2) / self.sigma(t)
+
+    def velocity(self, z, t):
+        """The marginal velocity v(z, t) = E[e - x | z_t = z]."""
+        e = self._e
+        return -self.m + e(self.dsigma(t) / self.sigma(t)) * (z - e(1 - t) * self.m)
+
+    def forward(self, z, r, t, y=None):
+        e = self._e
+        rho = self.sigma(r) / self.sigma(t)
+        num = z - e(1 - r) * self.m - e(rho) * (z - e(1 - t) * self.m)
+        return num / e(t - r)
+
+    def dual(self, z, r, t, y, dz, dr, dt):
+        e = self._e
+        sr, st = self.sigma(r), self.sigma(t)
+        rho = sr / st
+        drho = (self.dsigma(r) * dr * st - sr * self.dsigma(t) * dt) / st**2
+        w = z - e(1 - t) * self.m
+        dw = dz + e(dt) * self.m
+        num = z - e(1 - r) * self.m - e(rho) * w
+        dnum = dz + e(dr) * self.m - e(drho) * w - e(rho) * dw
+        den, dden = t - r, dt - dr
+        return num / e(den), (dnum * e(den) - num * e(dden)) / e(den) ** 2
