@@ -5,6 +5,8 @@ Paper sizes (DiT-S/B/M/L/XL with patch 2, 4 or 8: "DiT-XL/2", "DiT-B/4", ...), s
 and has ``dual(z, r, t, y, dz, dr, dt) -> (u, du)``.
 """
 
+import inspect
+
 from meanflow.models.dit import DiT
 from meanflow.models.mlp import MLP
 
@@ -29,18 +31,18 @@ def create_model(name: str, **overrides):
     DiT overrides: input_size, in_channels, num_classes, hidden_size, depth, num_heads, mlp_ratio, time_scale.
     MLP overrides: dim, width, depth, num_classes, time_scale.
     """
-    if name == "MLP":
-        return MLP(**overrides)
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
-    size, patch = name[len("DiT-"):].split("/")
-    depth, hidden, heads = DIT_SIZES[size]
-    kwargs = dict(patch_size=int(patch), hidden_size=hidden, depth=depth, num_heads=heads)
-    kwargs.update(overrides)
-    try:
-        return DiT(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"create_model({name!r}): {e}") from None
+    cls, kwargs = MLP, {}
+    if name != "MLP":
+        size, patch = name[len("DiT-"):].split("/")
+        depth, hidden, heads = DIT_SIZES[size]
+        cls, kwargs = DiT, dict(patch_size=int(patch), hidden_size=hidden, depth=depth, num_heads=heads)
+    valid = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"create_model({name!r}): unknown override(s) {unknown}; valid: {', '.join(valid)}")
+    return cls(**{**kwargs, **overrides})
 
 
 __all__ = ["DiT", "MLP", "MODEL_NAMES", "create_model"]

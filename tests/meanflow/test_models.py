@@ -1,0 +1,77 @@
+"""Model registry, shapes, the paper's parameter counts, zero-init, and clear errors on bad inputs."""
+
+import pytest
+import torch
+
+from meanflow.jvp import u_and_dudt
+from meanflow.models import MODEL_NAMES, create_model
+from tests.meanflow.reference_models import random_inputs, small_model
+
+# MeanFlow paper, Table 2 (millions of parameters)
+PAPER_PARAMS = {"DiT-B/2": 131, "DiT-M/2": 308, "DiT-L/2": 459, "DiT-XL/2": 676}
+
+
+@pytest.mark.parametrize("name,millions", PAPER_PARAMS.items())
+def test_paper_sizes_have_the_papers_parameter_count(name, millions):
+    with torch.device("meta"):
+        model = create_model(name)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == millions
+
+
+def test_every_registered_name_builds():
+    with torch.device("meta"):
+        for name in MODEL_NAMES:
+            kw = {"dim": 3} if name == "MLP" else {}
+            assert isinstance(create_model(name, **kw), torch.nn.Module)
+
+
+def test_output_shape_and_zero_init():
+    model = create_model("DiT-Nano/4", input_size=16, in_channels=3, num_classes=10)
+    z = torch.randn(2, 3, 16, 16)
+    u = model(z, torch.zeros(2), torch.ones(2), torch.tensor([1, 10]))
+    assert u.shape == z.shape
+    assert torch.count_nonzero(u) == 0  # adaLN-Zero: the output layer starts at zero
+
+
+def test_unknown_name_and_override():
+    with pytest.raises(ValueError, match="unknown model 'DiT-Q/2'"):
+        create_model("DiT-Q/2")
+    with pytest.raises(ValueError, match="hidden"):
+        create_model("DiT-Nano/2", hiddn_size=3)
+    with pytest.raises(ValueError, match="input_size"):
+        create_model("DiT-Nano/2", input_size=7)
+
+
+def _bad_calls(model):
+    z, r, t, y, v = random_inputs(model)
+    B = z.shape[0]
+    yield "r", (z, r + 1.0, t, y)  # r > t
+    yield "r", (z, r[:, None], t, y)  # would broadcast to (B, B)
+    yield "t", (z, r, t[:-1], y)
+    yield "z", (z[..., :-1], r, t, y)
+    yield "y", (z, r, t, torch.full((B,), model.num_classes + 1))
+    yield "y", (z, r, t, torch.full((B,), -1))
+    yield "y", (z, r, t, y.float())
+    yield "z", (z.clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan"), dtype=z.dtype)), r, t, y)
+    yield "t", (z, r, t.clone().fill_(float("nan")), y)
+
+
+@pytest.mark.parametrize("kind", ["dit", "mlp"])
+def test_bad_inputs_raise_value_error_naming_the_argument(kind, seed):
+    model = small_model(kind)
+    for name, args in _bad_calls(model):
+        with pytest.raises(ValueError, match=rf"^{name}\b"):
+            model(*args)
+        with pytest.raises(ValueError, match=rf"^{name}\b"):
+            u_and_dudt(model, *args, v=torch.randn_like(random_inputs(model)[0]))
+
+
+def test_unconditional_model_rejects_labels_and_tangent_shape_is_checked(seed):
+    model = small_model("dit_uncond")
+    z, r, t, _, v = random_inputs(model)
+    with pytest.raises(ValueError, match="^y must be None"):
+        model(z, r, t, torch.zeros(z.shape[0], dtype=torch.long))
+    with pytest.raises(ValueError, match="^v must have the shape of z"):
+        u_and_dudt(model, z, r, t, None, v[:1])
+    with pytest.raises(ValueError, match="engine"):
+        u_and_dudt(model, z, r, t, None, v, engine="forward_ad")
