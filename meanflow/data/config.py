@@ -1,0 +1,41 @@
+"""Data configuration (the `data.*` section of the trainer's config) and the one error type of the data package."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SOURCES = ("mnist", "npy", "images")
+LOADERS = ("auto", "dali", "torch")
+
+
+class DataError(ValueError):
+    """A problem with the data or its configuration; the message names the file, folder or config key at fault."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "mnist"  # "mnist" (embedded 5000 digits), "npy" (a folder of arrays), "images" (class sub-folders)
+    root: str = ""  # data folder for "npy"/"images"; for "mnist", where the cache goes (<root>/mnist5k)
+    image_size: int = 32  # "images": shorter side resized to this, then center crop; "mnist": must be 32
+    hflip: bool = False  # random horizontal flip, deterministic per (seed, epoch, item)
+    scale: float = 1.0  # multiply every sample by this (e.g. 0.18215 for SD-VAE latents)
+    loader: str = "auto"  # "dali", "torch", or "auto" (DALI if importable, else the torch fallback)
+    num_workers: int = 2  # torch DataLoader workers / DALI threads
+
+    def validate(self) -> None:
+        """Raise DataError naming the `data.*` key of the first bad value."""
+        if self.source not in SOURCES:
+            raise DataError(f"data.source: unknown value {self.source!r}; valid choices: {', '.join(SOURCES)}")
+        if self.loader not in LOADERS:
+            raise DataError(f"data.loader: unknown value {self.loader!r}; valid choices: {', '.join(LOADERS)}")
+        if not isinstance(self.image_size, int) or self.image_size <= 0:
+            raise DataError(f"data.image_size: must be a positive integer, got {self.image_size!r}")
+        if self.source == "mnist" and self.image_size != 32:
+            raise DataError(f"data.image_size: the mnist source is 32x32 (28x28 padded), got {self.image_size}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise DataError(f"data.num_workers: must be an integer >= 0, got {self.num_workers!r}")
+        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale == 0:
+            raise DataError(f"data.scale: must be a finite non-zero number, got {self.scale!r}")
+        if self.source in ("npy", "images") and not self.root:
+            raise DataError(f"data.root: the {self.source!r} source needs a data folder (set --data.root=DIR)")

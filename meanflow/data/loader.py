@@ -1,0 +1,103 @@
+"""build_loader: the index, the ordering contract and a backend (DALI or the torch fallback) put together."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .config import DataConfig, DataError
+from .index import DatasetIndex, build_dataset_index
+from .order import epoch_order, rank_steps
+
+log = logging.getLogger(__name__)
+_warned_fallback = False
+
+
+class Loader:
+    """Serves rank `rank`'s share of every global batch; see order.py for the exact order."""
+
+    def __init__(self, index: DatasetIndex, cfg: DataConfig, global_batch: int, rank: int, world_size: int,
+                 seed: int, reader):
+        self.index, self.cfg = index, cfg
+        self.global_batch, self.rank, self.world_size, self.seed = global_batch, rank, world_size, seed
+        self.num_items = index.num_items
+        self.item_shape = tuple(index.item_shape)
+        self.num_classes = index.num_classes
+        self.steps_per_epoch = self.num_items // global_batch
+        self.local_batch = global_batch // world_size
+        self.backend = reader.name
+        self._reader = reader
+
+    def indices(self, epoch: int, start_step: int = 0) -> np.ndarray:
+        """Item indices (steps_per_epoch - start_step, global_batch // world_size) this rank reads in `epoch`."""
+        self._check(epoch, start_step)
+        perm, _ = epoch_order(self.num_items, self.seed, epoch, False)
+        return rank_steps(perm, self.global_batch, self.world_size, self.rank, start_step)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yields (x float32 (B, C, H, W), y int64 (B,)), B = global_batch // world_size, for steps
+        start_step .. steps_per_epoch - 1 of `epoch`. Consume one epoch's iterator before starting the next."""
+        self._check(epoch, start_step)
+        perm, flip = epoch_order(self.num_items, self.seed, epoch, self.cfg.hflip)
+        idx = rank_steps(perm, self.global_batch, self.world_size, self.rank, start_step)  # (S, B)
+        return self._reader.batches(idx, None if flip is None else flip[idx])
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _check(self, epoch, start_step):
+        if not (isinstance(epoch, (int, np.integer)) and epoch >= 0):
+            raise DataError(f"epoch must be an integer >= 0, got {epoch!r}")
+        if not (isinstance(start_step, (int, np.integer)) and 0 <= start_step <= self.steps_per_epoch):
+            raise DataError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step!r}")
+
+    def __repr__(self):
+        return (f"Loader({self.cfg.source} {self.index.root}: {self.num_items} items {self.item_shape}, "
+                f"{self.num_classes} classes, {self.steps_per_epoch} steps of {self.global_batch} "
+                f"(rank {self.rank}/{self.world_size}), backend={self.backend})")
+
+
+def _choose_backend(cfg: DataConfig) -> str:
+    global _warned_fallback
+    if cfg.loader == "torch":
+        return "torch"
+    from .dali_backend import dali_available
+
+    if dali_available():
+        return "dali"
+    if cfg.loader == "dali":
+        raise DataError("data.loader=dali but NVIDIA DALI is not importable: pip install nvidia-dali-cuda130 "
+                        "(or set data.loader=auto/torch)")
+    if not _warned_fallback:
+        log.warning("NVIDIA DALI is not importable: reading data with the torch DataLoader fallback "
+                    "(pip install nvidia-dali-cuda130 for the DALI pipeline)")
+        _warned_fallback = True
+    return "torch"
+
+
+def build_loader(cfg: DataConfig, global_batch: int, rank: int, world_size: int, seed: int) -> Loader:
+    cfg.validate()
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise DataError(f"rank {rank!r} / world_size {world_size!r}: need 0 <= rank < world_size")
+    if not (isinstance(global_batch, int) and global_batch >= 1):
+        raise DataError(f"global_batch must be a positive integer, got {global_batch!r}")
+    if global_batch % world_size:
+        raise DataError(f"global_batch {global_batch} is not divisible by world_size {world_size}")
+    if not (isinstance(seed, (int, np.integer)) and seed >= 0):
+        raise DataError(f"seed must be an integer >= 0, got {seed!r}")
+    index = build_dataset_index(cfg)
+    if global_batch > index.num_items:
+        raise DataError(f"global_batch {global_batch} exceeds the {index.num_items} items in {index.root}")
+    backend = _choose_backend(cfg)
+    if backend == "dali":
+        from .dali_backend import DaliReader
+
+        reader = DaliReader(index, cfg.scale, cfg.num_workers)
+    else:
+        from .torch_backend import TorchReader
+
+        reader = TorchReader(index, cfg.scale, cfg.num_workers)
+    return Loader(index, cfg, global_batch, rank, world_size, int(seed), reader)

@@ -1,0 +1,103 @@
+"""The fallback reader: a torch DataLoader over a map-style dataset, fed batch by batch in the contract's order.
+
+Samples are produced exactly as the DALI pipeline produces them: arrays via np.load, cast to float32, flipped along
+W, times `scale`; images decoded by Pillow (EXIF orientation applied, converted to RGB), shorter side resized with
+round-half-up rounding and bilinear antialiased filtering (DALI's resize with subpixel_scale=False; within a few
+grey levels of it), center crop anchored at (size - S + 1) // 2 (DALI's rounding), then (p - 127.5) * (1 / 127.5)
+in float32 (bit-identical to DALI's crop_mirror_normalize). The dataset is keyed by (item, flip) pairs, so the
+workers stay stateless and the batch sampler alone carries the order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .config import DataError
+from .index import DatasetIndex
+
+
+def load_array(path: str) -> np.ndarray:
+    return np.load(path, allow_pickle=False)
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+    """uint8 (3, size, size): shorter side to `size`, center crop."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        w, h = im.size
+        if min(w, h) != size:
+            # round half up, as DALI rounds the longer side: floor(x * size / s + 1/2) in integers
+            if w <= h:
+                w, h = size, (2 * h * size + w) // (2 * w)
+            else:
+                w, h = (2 * w * size + h) // (2 * h), size
+            im = im.resize((w, h), Image.BILINEAR)
+        a = np.asarray(im)  # (h, w, 3)
+    top, left = (h - size + 1) // 2, (w - size + 1) // 2
+    return np.ascontiguousarray(a[top : top + size, left : left + size].transpose(2, 0, 1))  # (3, S, S)
+
+
+class ItemDataset(Dataset):
+    """dataset[(i, flip)] -> (x float32 (C, H, W), label)."""
+
+    def __init__(self, index: DatasetIndex, scale: float):
+        self.files, self.labels, self.kind = index.files, index.labels, index.kind
+        self.size = index.item_shape[-1]
+        self.scale = np.float32(scale)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, key):
+        i, flip = key
+        if self.kind == "npy":
+            x = load_array(self.files[i]).astype(np.float32, copy=False)
+        else:
+            x = (load_image(self.files[i], self.size).astype(np.float32) - np.float32(127.5)) * np.float32(1 / 127.5)
+        if flip:
+            x = x[..., ::-1]
+        if self.scale != 1:
+            x = x * self.scale
+        return torch.from_numpy(np.ascontiguousarray(x)), int(self.labels[i])
+
+
+class _PlanSampler:
+    """Batch sampler replaying the current epoch's plan; swapped per epoch so persistent workers survive."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class TorchReader:
+    name = "torch"
+
+    def __init__(self, index: DatasetIndex, scale: float, num_workers: int):
+        if index.kind == "images":
+            try:
+                import PIL  # noqa: F401
+            except ImportError:
+                raise DataError("the torch fallback reads images with Pillow: pip install pillow") from None
+        self.sampler = _PlanSampler()
+        self.loader = DataLoader(
+            ItemDataset(index, scale),
+            batch_sampler=self.sampler,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+        )
+
+    def batches(self, idx: np.ndarray, flip: np.ndarray | None):
+        """Yield (x, y) for each row of idx (S, B); flip (S, B) bool or None."""
+        if flip is None:
+            flip = np.zeros(idx.shape, bool)
+        self.sampler.batches = [list(zip(r.tolist(), f.tolist())) for r, f in zip(idx, flip)]
+        yield from self.loader
