@@ -29,3 +29,36 @@ def sample(model, noise, y=None, steps=1, grid=None):
         u = model(z, r.expand(B), t.expand(B), y)
         z = z - (t - r) * u
     return z
+
+
+def grid_classes(num_classes: int, max_rows: int = 10):
+    """The classes shown as rows of a sample grid: all of them up to max_rows, else evenly spaced ones."""
+    if num_classes <= 0:
+        return []
+    if num_classes <= max_rows:
+        return list(range(num_classes))
+    return [round(i * (num_classes - 1) / (max_rows - 1)) for i in range(max_rows)]
+
+
+def sample_grid(model, n: int, *, num_classes: int, sample_shape, seed: int = 0, steps: int = 1, device="cpu",
+                batch: int = 256):
+    """n samples laid out one row per class (conditional) from seeded noise; returns (x, labels or None, rows).
+
+    The same (n, seed) gives the same noise and labels on any machine and world size, so a grid can be reproduced
+    from a checkpoint.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be > 0, got {n}")
+    classes = grid_classes(num_classes)
+    noise = torch.randn(n, *sample_shape, generator=torch.Generator().manual_seed(seed))
+    labels, rows = None, max(1, round(n**0.5))
+    if classes:
+        per_class = -(-n // len(classes))
+        labels = torch.tensor(classes).repeat_interleave(per_class)[:n]
+        rows = len(classes) if n % len(classes) == 0 else -(-n // per_class)
+    dtype = next(model.parameters()).dtype
+    out = []
+    for i in range(0, n, batch):
+        y = None if labels is None else labels[i:i + batch].to(device)
+        out.append(sample(model, noise[i:i + batch].to(device, dtype), y, steps=steps).float().cpu())
+    return torch.cat(out), labels, rows

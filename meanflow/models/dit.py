@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import mfkernels
 from meanflow.models.inputs import check_model_inputs
@@ -138,6 +139,7 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.sample_shape = (in_channels, input_size, input_size)
         self.check_values = True  # the trainer turns value checks off: it builds r, t and y itself
+        self.checkpoint_blocks = False  # activation checkpointing of each block (set by meanflow.parallel)
         grid = input_size // patch_size
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
@@ -183,7 +185,21 @@ class DiT(nn.Module):
         return y
 
     def _tokens(self, z):
-        return self.x_embedder(z).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
+        # inputs and buffers follow the weights' dtype, so bf16 parameters (FSDP mixed precision) see bf16 tokens
+        x = self.x_embedder(z.to(self.x_embedder.weight.dtype)).flatten(2).transpose(1, 2)  # (B, T, D)
+        return x + self.pos_embed.to(x.dtype)
+
+    def _run_blocks(self, method, *args):
+        """Apply ``block.<method>`` in turn, through activation checkpointing when it is on and grads are needed."""
+        carry, cond = args[: len(args) // 2], args[len(args) // 2:]
+        for block in self.blocks:
+            fn = block if method == "forward" else getattr(block, method)  # __call__ runs FSDP's hooks
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                carry = checkpoint(fn, *carry, *cond, use_reentrant=False)
+            else:
+                carry = fn(*carry, *cond)
+            carry = carry if isinstance(carry, tuple) else (carry,)
+        return carry
 
     def _unpatchify(self, x):
         B, T, _ = x.shape
@@ -199,8 +215,7 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + self.h_embedder(t - r)  # (B, D)
         if y is not None:
             c = c + self.y_embedder(y)
-        for block in self.blocks:
-            x = block(x, c)
+        (x,) = self._run_blocks("forward", x, c)
         return self._unpatchify(self.final_layer(x, c))
 
     def dual(self, z, r, t, y, dz, dr, dt):
@@ -219,7 +234,6 @@ class DiT(nn.Module):
         c, dc = c + h, dc + dh
         if y is not None:
             c = c + self.y_embedder(y)  # labels are discrete: no tangent
-        for block in self.blocks:
-            x, dx = block.dual(x, dx, c, dc)
+        x, dx = self._run_blocks("dual", x, dx, c, dc)
         out, dout = self.final_layer.dual(x, dx, c, dc)
         return self._unpatchify(out), self._unpatchify(dout)

@@ -1,0 +1,54 @@
+"""Apply parallelism to a single-device model, in torchtitan's order: activation checkpointing, then compile,
+then FSDP2 (``fully_shard`` per DiT block, then the root).
+
+The dual path is a method beside ``forward``; ``register_fsdp_forward_method`` gives it the same all-gather hooks.
+Mixed precision keeps fp32 master weights and fp32 gradient reduction, with bf16 compute on GPU. Inputs are not
+cast by FSDP: times must stay fp32 (the embedders multiply them by up to 1000), and the model casts the rest.
+"""
+
+import torch
+
+
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def blocks_of(model):
+    return list(getattr(model, "blocks", []))
+
+
+def apply_activation_checkpointing(model):
+    if hasattr(model, "checkpoint_blocks"):
+        model.checkpoint_blocks = True
+
+
+def apply_compile(model):
+    """Compile each block's forward and dual (the hot path); the embedders and final layer stay eager."""
+    for block in blocks_of(model):
+        block.forward = torch.compile(block.forward)
+        block.dual = torch.compile(block.dual)
+
+
+def apply_fsdp(model, compute_dtype: torch.dtype):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in blocks_of(model):
+        fully_shard(block, mp_policy=mp)
+        register_fsdp_forward_method(block, "dual")
+    fully_shard(model, mp_policy=mp)
+    register_fsdp_forward_method(model, "dual")
+    return model
+
+
+def parallelize(model, *, distributed: bool, compute_dtype: torch.dtype, compile: bool = False,
+                activation_checkpointing: bool = False):
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if distributed:
+        apply_fsdp(model, compute_dtype)
+    return model
