@@ -1,0 +1,75 @@
+"""Draw samples from a run's newest checkpoint (EMA weights), in one process on any machine.
+
+    python -m meanflow.sample --run runs/mnist-demo [--steps 1] [--n 64] [--out samples.png|samples.npz]
+                              [--seed 0] [--checkpoint DIR] [--device cpu|cuda]
+
+Conditional models lay the grid out one row per class (up to 10 classes, evenly spaced). The same --n and --seed
+give the same noise and labels as the grid the trainer writes at the end (seed = train.seed, n = rows x
+train.samples_at_end). The last line of standard output is a JSON object saying what was written.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from meanflow.checkpoint import CheckpointError, latest_checkpoint, load_ema_weights, read_meta
+from meanflow.config import ConfigError, config_from_dict
+from meanflow.images import save_samples
+from meanflow.models import create_model
+from meanflow.sampling import sample_grid
+
+
+def load_run(run_dir, checkpoint=None, device="cpu"):
+    """(config, EMA model in eval mode, checkpoint path, step) of a run's newest (or the given) checkpoint."""
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"--run: {run_dir} is not a folder")
+    if checkpoint is None:
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            raise CheckpointError(f"--run: {run_dir} holds no complete checkpoint (checkpoints/step_*/meta.json)")
+        checkpoint = latest[1]
+    meta = read_meta(checkpoint)
+    cfg = config_from_dict(meta["config"])
+    model = create_model(cfg.model.name, **cfg.model.build_kwargs())
+    load_ema_weights(checkpoint, model)
+    return cfg, model.to(device).eval(), checkpoint, int(meta["step"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m meanflow.sample", description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="run folder written by meanflow.train")
+    p.add_argument("--steps", type=int, default=1, help="number of model evaluations (1 = one-step)")
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--out", default=None, help="output .png (grid) or .npz (arrays); default RUN/samples_<steps>nfe.png")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's train.seed)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint folder instead of the newest one")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        if args.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+        if args.n < 1:
+            raise ConfigError(f"--n must be >= 1, got {args.n}")
+        out = args.out or os.path.join(args.run, f"samples_{args.steps}nfe.png")
+        if not out.endswith((".png", ".npz")):
+            raise ConfigError(f"--out must end in .png or .npz, got {out}")
+        cfg, model, ckpt, step = load_run(args.run, args.checkpoint, args.device)
+        seed = cfg.train.seed if args.seed is None else args.seed
+        shape = (cfg.model.in_channels,) if cfg.model.name == "MLP" else (
+            cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+        x, _, rows = sample_grid(model, args.n, num_classes=cfg.model.num_classes, sample_shape=shape, seed=seed,
+                                 steps=args.steps, device=args.device)
+        save_samples(out, x, rows)
+    except (ConfigError, CheckpointError, ValueError) as e:
+        print(f"meanflow.sample: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": os.path.abspath(out), "n": args.n, "steps": args.steps, "checkpoint": ckpt,
+                      "step": step}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The trainer end to end on CPU: 1 vs 2 processes, SIGKILL and resume, resharded checkpoints, bad input."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e["MEANFLOW_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # the embedded MNIST cache, built once here
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    e.pop("TRITON_INTERPRET", None)
+    return e
+
+
+def train_cmd(nproc, *args):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    prefix = launcher if nproc > 1 else [sys.executable]
+    return [*prefix, "-m", "meanflow.train", "--config", "smoke", *args]
+
+
+def run(cmd, env, check=True):
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def snapshot(folder):
+    """Every file under folder with its size, mtime and content hash."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                digest = hashlib.sha1(f.read()).hexdigest()
+            st = os.stat(path)
+            out[os.path.relpath(path, folder)] = (st.st_size, st.st_mtime_ns, digest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_process_run(env, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "two")
+    run(train_cmd(2, f"--train.out={out}", "--train.steps=6"), env)
+    return out
+
+
+def test_two_processes_match_one_process(env, two_process_run, tmp_path):
+    one = str(tmp_path / "one")
+    run(train_cmd(1, f"--train.out={one}", "--train.steps=6"), env)
+    a, b = metrics(one), metrics(two_process_run)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 7))
+    for ma, mb in zip(a, b):
+        for key in ("loss", "mse", "grad_norm"):
+            assert ma[key] == pytest.approx(mb[key], rel=2e-5), (ma["step"], key)
+    assert len({m["loss"] for m in a}) > 1  # the loss moves: a constant would match trivially
+
+
+def test_two_process_checkpoint_samples_the_same_in_one_process(two_process_run, tmp_path, env):
+    out = tmp_path / "resampled.npz"
+    rows = 10 * 2  # smoke: 10 classes x samples_at_end 2, seed train.seed: the trainer's own grid
+    p = run([sys.executable, "-m", "meanflow.sample", "--run", two_process_run, "--n", str(rows), "--out", str(out)],
+            env)
+    said = json.loads(p.stdout.strip().splitlines()[-1])
+    assert said["out"] == str(out) and said["step"] == 6
+    ours = np.load(out)["samples"]
+    trainer = np.load(os.path.join(two_process_run, "samples.npz"))["samples"]
+    assert ours.shape == trainer.shape == (20, 1, 32, 32)
+    np.testing.assert_allclose(ours, trainer, rtol=1e-5, atol=1e-5)
+    assert np.abs(trainer).max() > 0.05
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_losses(env, tmp_path):
+    args = ["--train.steps=40", "--checkpoint.every=10", "--checkpoint.keep_last=0"]
+    straight = str(tmp_path / "straight")
+    run(train_cmd(1, f"--train.out={straight}", *args), env)
+
+    crashed = str(tmp_path / "crashed")
+    cmd = train_cmd(1, f"--train.out={crashed}", *args)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        path = os.path.join(crashed, "metrics.jsonl")
+        if os.path.exists(path):
+            steps = [json.loads(ln)["step"] for ln in open(path) if ln.strip().endswith("}")]
+            if steps and steps[-1] >= 15:
+                os.killpg(proc.pid, signal.SIGKILL)  # between the checkpoints at 10 and 20
+                killed_at = steps[-1]
+                break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed_at is not None and killed_at < 40, "the run finished before it could be killed"
+    assert not os.path.exists(os.path.join(crashed, "samples.png"))
+
+    p = run(cmd, env)
+    assert "resumed from" in p.stderr
+    a, b = metrics(straight), metrics(crashed)
+    assert [m["step"] for m in b] == list(range(1, 41))
+    for ma, mb in zip(a, b):
+        assert ma["loss"] == mb["loss"] and ma["mse"] == mb["mse"], ma["step"]
+
+
+def _fails_cleanly(p, *needles):
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    for needle in needles:
+        assert needle in p.stderr, (needle, p.stderr[-2000:])
+
+
+def test_bad_input_fails_cleanly_and_changes_nothing(env, tmp_path):
+    good = str(tmp_path / "good")
+    run(train_cmd(1, f"--train.out={good}", "--train.steps=3"), env)
+    before = snapshot(good)
+
+    cases = [
+        (["--data.root=" + str(tmp_path / "missing")], ["data.root", "missing"]),
+        (["--train.stepz=3"], ["train.stepz", "valid keys of train"]),
+        (["--train.global_batch=-4"], ["train.global_batch"]),
+        (["--model.name=DiT-Nano/4"], ["different model", good]),
+        (["--data.source=lmdb"], ["data.source", "npy"]),
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append((["--data.root=" + str(empty)], [str(empty)]))
+    corrupt = tmp_path / "corrupt" / "cls0"
+    corrupt.mkdir(parents=True)
+    np.save(corrupt / "a.npy", np.random.default_rng().standard_normal((1, 32, 32)).astype(np.float32))
+    (corrupt / "b.npy").write_bytes(b"\x93NUMPY garbage, not an array")
+    cases.append((["--data.root=" + str(corrupt.parent)], ["b.npy"]))
+    for extra, needles in cases:
+        p = run(train_cmd(1, f"--train.out={good}", "--train.steps=6", *extra), env, check=False)
+        _fails_cleanly(p, *needles)
+        assert snapshot(good) == before, extra
+
+    # a folder that is not a run folder is never written into
+    other = tmp_path / "not-a-run"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    p = run(train_cmd(1, f"--train.out={other}"), env, check=False)
+    _fails_cleanly(p, "config.json")
+    assert os.listdir(other) == ["notes.txt"]
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(env, tmp_path):
+    out = str(tmp_path / "diverge")
+    args = ["--optim.lr=1e30", "--train.max_bad_steps=2", "--checkpoint.every=1", "--checkpoint.keep_last=0",
+            "--train.steps=20"]
+    p = run(train_cmd(1, f"--train.out={out}", *args), env, check=False)
+    _fails_cleanly(p, "diverged", "consecutive non-finite steps")
+    rows = metrics(out)
+    assert rows[-1]["skipped_steps"] >= 1
+    ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert ckpts and all(not c.startswith(".") for c in ckpts)
+    # the newest checkpoint still loads and samples
+    q = run([sys.executable, "-m", "meanflow.sample", "--run", out, "--n", "4", "--out", str(tmp_path / "s.npz")],
+            env)
+    assert json.loads(q.stdout.strip().splitlines()[-1])["n"] == 4
