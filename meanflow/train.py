@@ -153,6 +153,7 @@ class Trainer:
         self.loader = build_loader(cfg.data, cfg.train.global_batch, d.rank, d.world_size, cfg.train.seed)
         self._check_data_fits_model()
         resume = inspect_run_folder(self.run_dir, cfg)
+        self.board = self._tensorboard() if d.is_main else None  # fails before anything is written
 
         # the same init on every rank (each shards its own full copy) and in every run of this seed
         torch.manual_seed(cfg.train.seed)
@@ -222,6 +223,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return finite, loss_mean.item(), mse.item(), grad_norm.item()
 
+    def _tensorboard(self):
+        if not self.cfg.log.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("log.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
+        return lambda: SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+
     def save(self):
         meta = {"config": self.cfg.to_dict(), "epoch": self.step // self.loader.steps_per_epoch,
                 "position": self.step % self.loader.steps_per_epoch,
@@ -239,6 +249,7 @@ class Trainer:
 
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         metrics = open(self.metrics_path, "a") if d.is_main else None
+        board = self.board() if self.board is not None else None
         bad, skipped = 0, 0
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
         batches = None
@@ -282,6 +293,10 @@ class Trainer:
                     if metrics is not None:
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
+                    if board is not None:
+                        for key, value in row.items():
+                            if key != "step":
+                                board.add_scalar(f"train/{key}", value, self.step)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['img_per_s']:.0f}",
                                         step_s=f"{row['step_time_s']:.3f}")
@@ -295,6 +310,8 @@ class Trainer:
                 bar.close()
             if metrics is not None:
                 metrics.close()
+            if board is not None:
+                board.close()
         if self.resumed_at != self.step:  # a finished run restarted has nothing new to save
             self.save()
         self.write_samples()

@@ -126,3 +126,18 @@ def test_dual_saves_far_less_for_backward_than_func(seed):
     dual, func = saved_bytes(step("dual"), model.parameters()), saved_bytes(step("func"), model.parameters())
     print(f"autograd-saved bytes: dual {dual / 2**20:.2f} MiB, func {func / 2**20:.2f} MiB, ratio {dual / func:.2f}")
     assert dual < 0.6 * func
+
+
+def test_activation_checkpointing_changes_nothing(seed):
+    model = small_model("dit")
+    z, r, t, y, v = random_inputs(model)
+    results = []
+    for flag in (False, True):
+        model.checkpoint_blocks = flag
+        model.zero_grad(set_to_none=True)
+        u, dudt = u_and_dudt(model, z, r, t, y, v, engine="dual")
+        adaptive_loss(u, meanflow_target(v, r, t, dudt), 1.0, 1e-3)[0].backward()
+        results.append((u.detach(), dudt, [p.grad.clone() for p in model.parameters()]))
+    (u0, d0, g0), (u1, d1, g1) = results
+    assert torch.equal(u0, u1) and torch.equal(d0, d1)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(g0, g1))
