@@ -28,7 +28,7 @@ def small_model(kind, dtype=torch.float64):
     if kind == "dit":
         model = create_model("DiT-Nano/2", input_size=6, in_channels=3, num_classes=4, hidden_size=32, num_heads=2)
     elif kind == "dit_uncond":
-        model = create_model("DiT-Nano/2", input_size=4, in_channels=2, num_classes=0, hidden_size=32, num_heads=4)
+        model = create_model("DiT-Nano/2", input_size=4, in_channels=2, num_classes=0, hidden_size=32, num_heads=2)
     elif kind == "mlp":
         model = create_model("MLP", dim=5, width=24, depth=2, num_classes=3)
     else:
