@@ -1,4 +1,4 @@
-"""Plumbing shared by the row-wise Triton ops (adaLN, gated residual): a triton import that may fail, tile and grid
+"""Plumbing shared by the Triton ops (adaLN, gated residual, attention): a triton import that may fail, tile and grid
 heuristics, a small num_warps autotune, and launching from inside autograd.Functions under torch.func transforms.
 
 Why the functorch part exists: under ``torch.func.jvp`` / ``grad`` a Function's ``jvp`` and ``backward`` receive

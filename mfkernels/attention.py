@@ -37,13 +37,15 @@ being recorded through the tangent or the gradient (double backward, grad of a j
 with differentiable torch instead of silently cutting it.
 """
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from mfkernels._backend import use_triton
+from mfkernels._launch import kernel_launch as _kernel_launch
+from mfkernels._launch import plain as _plain
+from mfkernels._launch import records_graph as _records_graph
 from mfkernels.attention_backward import (
     LOG2E,
     SUPPORTED_DTYPES,
@@ -278,36 +280,6 @@ def _attention_forward(q, k, v, dq, dk, dv, scale):
 # ----------------------------------------------------------------------------------------------------------------------
 # autograd.Functions
 # ----------------------------------------------------------------------------------------------------------------------
-
-def _levels(t):
-    while t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
-        yield t
-        t = torch._C._functorch.get_unwrapped(t)
-    if t is not None:
-        yield t
-
-
-def _plain(t):
-    """The base tensor under any functorch wrappers, whose storage Triton cannot read ("Cannot access storage of
-    TensorWrapper"); None stays None."""
-    for t in _levels(t):
-        pass
-    return t
-
-
-def _records_graph(*tensors):
-    """True when autograd records through these tensors at some level: a kernel result (no history) would then cut
-    a gradient silently."""
-    return torch.is_grad_enabled() and any(level.requires_grad for t in tensors for level in _levels(t))
-
-
-@contextlib.contextmanager
-def _kernel_launch():
-    """Launch on :func:`_plain` tensors with functorch off; the results are plain tensors, which functorch accepts
-    from a Function's jvp and backward."""
-    with torch._C._DisableFuncTorch(), torch.no_grad():
-        yield
-
 
 def _backward(q, k, v, o, stats, grad_o, scale):
     if _records_graph(q, k, v, grad_o):
