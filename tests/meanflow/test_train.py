@@ -11,30 +11,17 @@ import time
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from tests.meanflow.cli import REPO, cli_env, run
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["MEANFLOW_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # the embedded MNIST cache, built once here
-    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
-    e["OMP_NUM_THREADS"] = "1"
-    e.pop("TRITON_INTERPRET", None)
-    return e
+    return cli_env(tmp_path_factory.mktemp("cache"))  # the embedded MNIST cache, built once per module
 
 
 def train_cmd(nproc, *args):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     prefix = launcher if nproc > 1 else [sys.executable]
     return [*prefix, "-m", "meanflow.train", "--config", "smoke", *args]
-
-
-def run(cmd, env, check=True):
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
 
 
 def metrics(run_dir):
