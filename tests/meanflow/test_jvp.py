@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from bench.common import saved_activation_bytes  # the meter the benchmarks report, so both agree
 from meanflow.jvp import u_and_dudt
 from meanflow.objective import adaptive_loss, meanflow_target
 from tests.meanflow.reference_models import random_inputs, small_model
@@ -86,29 +87,6 @@ def test_tangent_is_detached_and_builds_no_graph(seed):
     assert not dudt.requires_grad and dudt.grad_fn is None
 
 
-def saved_bytes(fn, params):
-    """Bytes of distinct activation storages autograd saves for backward while fn runs (parameters excluded)."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    seen = {}
-
-    def pack(x):
-        if isinstance(x, torch.Tensor):
-            base = x
-            while torch._C._functorch.is_functorch_wrapped_tensor(base):  # func.jvp's dual tensors wrap a plain one
-                base = torch._C._functorch.get_unwrapped(base)
-            try:
-                ptr = base.untyped_storage().data_ptr()
-            except RuntimeError:  # functorch's lifted views of the weights expose no storage: parameters, skipped
-                return x
-            if ptr not in param_ptrs:
-                seen[ptr] = base.untyped_storage().nbytes()
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        fn()
-    return sum(seen.values())
-
-
 def test_dual_saves_far_less_for_backward_than_func(seed):
     from meanflow.models import create_model
     from tests.meanflow.reference_models import randomize
@@ -123,7 +101,8 @@ def test_dual_saves_far_less_for_backward_than_func(seed):
             adaptive_loss(u, meanflow_target(v, r, t, dudt), 1.0, 1e-3)[0].backward()
         return run
 
-    dual, func = saved_bytes(step("dual"), model.parameters()), saved_bytes(step("func"), model.parameters())
+    params = list(model.parameters())
+    dual, func = saved_activation_bytes(step("dual"), params), saved_activation_bytes(step("func"), params)
     print(f"autograd-saved bytes: dual {dual / 2**20:.2f} MiB, func {func / 2**20:.2f} MiB, ratio {dual / func:.2f}")
     assert dual < 0.6 * func
 
