@@ -335,9 +335,12 @@ class _AttentionJVPFn(torch.autograd.Function):
         ctx.scale = inputs[6]
         ctx.save_for_backward(q, k, v, o, stats)
         ctx.mark_non_differentiable(do, stats)
+        ctx.set_materialize_grads(False)  # do and stats get no gradient: spare a zeros tensor per backward
 
     @staticmethod
     def backward(ctx, grad_o, _grad_do, _grad_stats):
+        if grad_o is None:
+            return (None,) * 7
         q, k, v, o, stats = ctx.saved_tensors
         return (*_backward(q, k, v, o, stats, grad_o, ctx.scale), None, None, None, None)
 

@@ -206,11 +206,14 @@ class _GatedResidualJvp(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, gate, y = inputs[:3]
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # dout gets no gradient: spare a (B, N, C) zeros per backward
         ctx.save_for_backward(gate, y)
         ctx.save_for_forward(x, gate, y)
 
     @staticmethod
     def backward(ctx, gout, _gdout):
+        if gout is None:
+            return (None,) * 6
         return *_gradients(ctx, gout), None, None, None
 
     @staticmethod
