@@ -29,7 +29,7 @@ class ModelConfig:
     input_size: int = 32
     in_channels: int = 4
     num_classes: int = 1000
-    time_scale: float = 1000.0
+    time_scale: float = 1.0
 
     def validate(self):
         if self.name not in MODEL_NAMES:
@@ -154,8 +154,8 @@ def _mnist_demo():
         "data": {"source": "mnist"},
         "objective": {"adaptive_p": 0.75, "adaptive_c": 1e-3, "ratio_r_neq_t": 0.25, "time_mu": -0.4,
                       "class_drop": 0.1},
-        "optim": {"lr": 1e-3, "warmup_steps": 100, "grad_clip": 1.0, "ema_decay": 0.999, "ema_warmup": True},
-        "train": {"steps": 2000, "global_batch": 64, "out": "runs/mnist-demo"},
+        "optim": {"lr": 1e-3, "warmup_steps": 100, "grad_clip": 1.0, "ema_decay": 0.995, "ema_warmup": True},
+        "train": {"steps": 1500, "global_batch": 64, "out": "runs/mnist-demo"},
         "log": {"every": 20},
         "checkpoint": {"every": 250, "keep_last": 2},
     }

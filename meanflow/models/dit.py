@@ -128,7 +128,7 @@ class DiT(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
-        time_scale: float = 1000.0,
+        time_scale: float = 1.0,
     ):
         super().__init__()
         if input_size % patch_size:

@@ -27,7 +27,7 @@ class ResidualBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int = 2, width: int = 256, depth: int = 3, num_classes: int = 0, time_scale: float = 1000.0):
+    def __init__(self, dim: int = 2, width: int = 256, depth: int = 3, num_classes: int = 0, time_scale: float = 1.0):
         super().__init__()
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")

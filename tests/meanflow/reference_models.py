@@ -27,6 +27,9 @@ def randomize(model, std=0.1, generator=None):
 def small_model(kind, dtype=torch.float64):
     if kind == "dit":
         model = create_model("DiT-Nano/2", input_size=6, in_channels=3, num_classes=4, hidden_size=32, num_heads=2)
+    elif kind == "dit_t1000":  # DiT's own time range: sharper time features, same exactness expected
+        model = create_model("DiT-Nano/2", input_size=6, in_channels=3, num_classes=4, hidden_size=32, num_heads=2,
+                             time_scale=1000.0)
     elif kind == "dit_uncond":
         model = create_model("DiT-Nano/2", input_size=4, in_channels=2, num_classes=0, hidden_size=32, num_heads=2)
     elif kind == "mlp":
