@@ -75,6 +75,22 @@ def timed(fn, device: torch.device):
     return call
 
 
+class Case:
+    """A suite's inputs and implementations: a pool of input sets (rotated per call) and ``impls`` by name, each
+    called without autograd on one set."""
+
+    def __init__(self, sets, impls, device):
+        self.sets, self.inputs, self.impls, self.device = sets, Rotation(sets), impls, device
+
+    def run(self, impl, inputs):
+        with torch.no_grad():
+            return self.impls[impl](*inputs)
+
+    def call(self, impl):
+        """A synchronised call of ``impl`` on the next input set of the pool."""
+        return timed(lambda: self.run(impl, self.inputs.next()), self.device)
+
+
 def time_once(fn, device: torch.device) -> float:
     """Seconds for one synchronised call of ``fn``."""
     synchronize(device)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mfkernels
-from bench.common import Rotation, bench_device, kernel_backend, pool_size, require_gpu, time_once, timed
+from bench.common import Case, bench_device, kernel_backend, pool_size, require_gpu, time_once
 from mfkernels.adaln import adaln_modulate_jvp_torch, adaln_modulate_reference
 
 REFERENCE, PROJECT, CEILING = "adaln_modulate_jvp_torch", "adaln_modulate_jvp kernel", "copy x, dx"
@@ -57,19 +57,6 @@ def adaln_record(B, N, C, impl):
     return f"adaLN B={B} N={N} C={C}", info
 
 
-class AdaLNCase:
-    def __init__(self, sets, device):
-        self.sets, self.inputs, self.device = sets, Rotation(sets), device
-
-    def run(self, impl, inputs):
-        """(y, dy) of ``impl`` on one input set (the copy returns (x, dx) copied)."""
-        with torch.no_grad():
-            return IMPLS[impl](*inputs)
-
-    def call(self, impl):
-        return timed(lambda: self.run(impl, self.inputs.next()), self.device)
-
-
 def adaln_case(B, N, C, *, dtype=torch.bfloat16, device=None, pool=None, seed=0):
     """The setup factory of this suite: a pool of (x, shift, scale, dx, dshift, dscale) sets."""
     device = device or bench_device()
@@ -82,7 +69,7 @@ def adaln_case(B, N, C, *, dtype=torch.bfloat16, device=None, pool=None, seed=0)
         shift, scale, dshift, dscale = (0.1 * torch.randn(B, C, generator=g) for _ in range(4))
         return tuple(t.to(device, dtype) for t in (x, shift, scale, dx, dshift, dscale))
 
-    return AdaLNCase([one_set() for _ in range(pool)], device)
+    return Case([one_set() for _ in range(pool)], IMPLS, device)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mfkernels
-from bench.common import Rotation, bench_device, kernel_backend, pool_size, require_gpu, time_once, timed
+from bench.common import Case, bench_device, kernel_backend, pool_size, require_gpu, time_once
 from mfkernels.attention import attention_jvp_torch, attention_reference
 
 REFERENCE, PROJECT, FLOOR = "func.jvp(SDPA MATH)", "attention_jvp kernel", "SDPA flash forward"
@@ -67,20 +67,6 @@ def attention_record(B, H, N, D, impl):
     return f"attention N={N} D={D}", info
 
 
-class AttentionCase:
-    def __init__(self, sets, device):
-        self.sets, self.inputs, self.device = sets, Rotation(sets), device
-
-    def run(self, impl, inputs):
-        """(o, do) of ``impl`` on one input set (do is None for the forward-only floor)."""
-        with torch.no_grad():
-            return IMPLS[impl](*inputs)
-
-    def call(self, impl):
-        """A synchronised call of ``impl`` on the next input set of the pool."""
-        return timed(lambda: self.run(impl, self.inputs.next()), self.device)
-
-
 def attention_case(B, H, N, D, *, dtype=torch.bfloat16, device=None, pool=None, seed=0):
     """The setup factory of this suite: a pool of (q, k, v, dq, dk, dv) sets of shape (B, H, N, D)."""
     device = device or bench_device()
@@ -88,7 +74,7 @@ def attention_case(B, H, N, D, *, dtype=torch.bfloat16, device=None, pool=None, 
     set_bytes = 6 * B * H * N * D * torch.empty((), dtype=dtype).element_size()
     pool = pool or pool_size(set_bytes)
     sets = [tuple(torch.randn(B, H, N, D, generator=g).to(device, dtype) for _ in range(6)) for _ in range(pool)]
-    return AttentionCase(sets, device)
+    return Case(sets, IMPLS, device)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
