@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m meanflow.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="run folder written by meanflow.train")
     p.add_argument("--steps", default="1,2", help="comma-separated step counts (number of model evaluations)")
-    p.add_argument("--n", type=int, default=1000, help="samples per step count, and real items (default 1000; on a 2-core CPU Inception takes ~0.1 s an image)")
+    p.add_argument("--n", type=int, default=1000, help="samples per step count, and real items (default 1000; on a 2-core CPU Inception takes "
+                   "~0.1 s an image)")
     p.add_argument("--batch", type=int, default=50, help="batch size for sampling and Inception features")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's train.seed)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder instead of the newest one")

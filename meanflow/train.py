@@ -15,7 +15,6 @@ per class) with the same samples as arrays in samples.npz.
 
 import json
 import logging
-import math
 import os
 import resource
 import sys
@@ -24,7 +23,14 @@ from contextlib import nullcontext
 
 import torch
 
-from meanflow.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from meanflow.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+    write_json_atomic,
+)
 from meanflow.config import ConfigError, config_from_dict, resolve_config
 from meanflow.data import DataError, build_loader
 from meanflow.distributed import init_distributed, shutdown
@@ -33,7 +39,7 @@ from meanflow.images import save_samples
 from meanflow.models import create_model
 from meanflow.objective import draw, meanflow_loss
 from meanflow.parallel import parallelize, precision_dtype
-from meanflow.sampling import sample_grid
+from meanflow.sampling import grid_classes, sample_grid
 
 log = logging.getLogger("meanflow.train")
 
@@ -178,8 +184,6 @@ class Trainer:
         if d.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             truncate_metrics(self.metrics_path, self.step)
-            from meanflow.checkpoint import write_json_atomic
-
             write_json_atomic(os.path.join(self.run_dir, "config.json"), cfg.to_dict())
         d.barrier()
         self.resumed_at = self.step if resume is not None else None
@@ -321,8 +325,6 @@ class Trainer:
         per_class = cfg.train.samples_at_end
         if per_class <= 0:
             return
-        from meanflow.sampling import grid_classes
-
         rows = max(1, len(grid_classes(cfg.model.num_classes)))
         x, _, rows = sample_grid(self.ema.module, rows * per_class, num_classes=cfg.model.num_classes,
                                  sample_shape=tuple(self.loader.item_shape), seed=cfg.train.seed, steps=1,

@@ -40,10 +40,26 @@ import torch.nn.functional as F
 
 from mfkernels import _native
 from mfkernels._backend import get_backend, use_triton
-from mfkernels._launch import (MAX_BLOCK_C, acc_dtype, autotune_warps, cast_out, jit, kernel_launch,
-                               next_power_of_2, num_groups, plain, records_graph, row_tile, tl)
-from mfkernels.gated import (gated_residual, gated_residual_jvp, gated_residual_jvp_torch,  # noqa: F401
-                             gated_residual_reference)
+from mfkernels._launch import (
+    MAX_BLOCK_C,
+    acc_dtype,
+    autotune_warps,
+    cast_out,
+    jit,
+    kernel_launch,
+    next_power_of_2,
+    num_groups,
+    plain,
+    records_graph,
+    row_tile,
+    tl,
+)
+from mfkernels.gated import (  # noqa: F401  (re-exported: the public ops live beside adaLN)
+    gated_residual,
+    gated_residual_jvp,
+    gated_residual_jvp_torch,
+    gated_residual_reference,
+)
 
 DEFAULT_EPS = 1e-6  # DiT's LayerNorm eps
 

@@ -23,9 +23,19 @@ Non-contiguous inputs are copied to contiguous ones before a launch.
 import torch
 
 from mfkernels._backend import use_triton
-from mfkernels._launch import (acc_dtype, autotune_warps, cast_out, jit, kernel_launch, next_power_of_2, num_groups,
-                               plain, records_graph, row_tile, tl)
-
+from mfkernels._launch import (
+    acc_dtype,
+    autotune_warps,
+    cast_out,
+    jit,
+    kernel_launch,
+    next_power_of_2,
+    num_groups,
+    plain,
+    records_graph,
+    row_tile,
+    tl,
+)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # torch reference: the oracle for tests and benchmarks, and the CPU path

@@ -20,7 +20,6 @@ import mfkernels
 from meanflow.models.inputs import check_model_inputs
 from meanflow.models.layers import LabelEmbedder, Mlp, TimestepEmbedder, linear_dual, silu_dual
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # blocks
 # ----------------------------------------------------------------------------------------------------------------------

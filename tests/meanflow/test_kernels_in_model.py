@@ -3,7 +3,6 @@
 import importlib
 
 import pytest
-import torch
 
 import mfkernels
 from meanflow.jvp import u_and_dudt

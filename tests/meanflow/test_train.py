@@ -13,6 +13,7 @@ import pytest
 
 from tests.meanflow.cli import REPO, cli_env, run
 
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     return cli_env(tmp_path_factory.mktemp("cache"))  # the embedded MNIST cache, built once per module

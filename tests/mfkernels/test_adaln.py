@@ -9,7 +9,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import mfkernels
-from mfkernels import adaln, gated as gr
+from mfkernels import adaln
+from mfkernels import gated as gr
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 CS = [1, 7, 64, 72, 96, 1152]
