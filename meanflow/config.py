@@ -152,10 +152,12 @@ def _mnist_demo():
     return {
         "model": {"name": "DiT-Micro/4", "input_size": 32, "in_channels": 1, "num_classes": 10},
         "data": {"source": "mnist"},
+        # guidance in training (v~ = 2 v - u(z, t, t | null)): at equal wall time it gave clearly more legible
+        # digits than none (1300 guided steps vs 1500 plain ones, looked at side by side)
         "objective": {"adaptive_p": 0.75, "adaptive_c": 1e-3, "ratio_r_neq_t": 0.25, "time_mu": -0.4,
-                      "class_drop": 0.1},
+                      "class_drop": 0.1, "cfg_w": 2.0, "cfg_k": 0.0},
         "optim": {"lr": 1e-3, "warmup_steps": 100, "grad_clip": 1.0, "ema_decay": 0.995, "ema_warmup": True},
-        "train": {"steps": 1500, "global_batch": 64, "out": "runs/mnist-demo"},
+        "train": {"steps": 1250, "global_batch": 64, "out": "runs/mnist-demo"},
         "log": {"every": 20},
         "checkpoint": {"every": 250, "keep_last": 2},
     }
