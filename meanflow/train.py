@@ -251,7 +251,10 @@ class Trainer:
         if d.is_main and cfg.log.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            # redrawn at most twice a second (every few seconds when the output is a log file, not a terminal)
+            interval = 0.5 if sys.stderr.isatty() else 5.0
+            bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                       mininterval=interval)
         metrics = open(self.metrics_path, "a") if d.is_main else None
         board = self.board() if self.board is not None else None
         bad, skipped = 0, 0
@@ -303,7 +306,7 @@ class Trainer:
                                 board.add_scalar(f"train/{key}", value, self.step)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['img_per_s']:.0f}",
-                                        step_s=f"{row['step_time_s']:.3f}")
+                                        step_s=f"{row['step_time_s']:.3f}", refresh=False)
                     window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
                 if bar is not None:
                     bar.update(1)
