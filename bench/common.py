@@ -8,10 +8,12 @@ flatter the result.
 """
 
 import contextlib
+import math
 import os
 import platform
 import subprocess
 import time
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -32,6 +34,35 @@ def require_gpu(device: torch.device, what: str) -> None:
     """Kernel suites are GPU speed targets; the Triton interpreter on CPU is a correctness tool, not one."""
     if device.type != "cuda":
         pytest.skip(f"{what}: GPU only (the Triton interpreter is not a speed target)")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much each benchmark measures. ``FULL`` is `pytest bench/ --benchmark`; ``QUICK`` (``--gpu-check``, what
+    `make gpu-check` runs) takes the same measurements with fewer and shorter rounds, to fit the check's time budget.
+
+    A kernel benchmark times about ``seconds`` of calls, within its suite's [lo, hi] rounds with lo scaled by
+    ``round_scale``; the GPU training step runs its suite's (warm-up, timed) rounds scaled by ``round_scale``.
+    """
+
+    name: str
+    seconds: float
+    round_scale: float
+
+    @property
+    def quick(self) -> bool:
+        return self.name != FULL.name
+
+    def scaled(self, rounds: int) -> int:
+        return max(1, math.ceil(rounds * self.round_scale))
+
+    def kernel_rounds(self, estimate_s: float, lo: int, hi: int) -> int:
+        """Timed rounds of a kernel benchmark whose call takes about ``estimate_s``."""
+        return max(self.scaled(lo), min(hi, int(self.seconds / max(estimate_s, 1e-9))))
+
+
+FULL = Profile("full", seconds=1.0, round_scale=1.0)
+QUICK = Profile("gpu-check", seconds=0.2, round_scale=0.5)
 
 
 class Rotation:

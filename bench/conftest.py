@@ -3,6 +3,8 @@ here). Without it every test under bench/ is skipped, and plain ``pytest`` (test
 
 At the end of a run the markdown report (bench.report) is printed; ``--benchmark-markdown=FILE`` also writes it.
 The run's device, torch/triton versions and commit go into the JSON's machine_info["meanflow"].
+``--gpu-check`` selects the quick profile that `make gpu-check` (bench.gpu_check) runs: the same benchmarks with
+fewer, shorter rounds, and the DiT-XL/2 training step with the dual engine on the kernels only (bench.common.QUICK).
 """
 
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import report
-from bench.common import environment
+from bench.common import FULL, QUICK, environment
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -20,6 +22,14 @@ def pytest_addoption(parser):
     group.addoption("--benchmark", action="store_true", help="run the benchmarks under bench/ (skipped otherwise)")
     group.addoption("--benchmark-markdown", metavar="FILE", default=None,
                     help="also write the markdown report of this run to FILE")
+    group.addoption("--gpu-check", action="store_true",
+                    help="the quick profile of `make gpu-check`: fewer and shorter rounds (bench.common.QUICK)")
+
+
+@pytest.fixture
+def profile(request):
+    """How much each benchmark measures: bench.common.FULL, or QUICK under --gpu-check."""
+    return QUICK if request.config.getoption("--gpu-check") else FULL
 
 
 def pytest_collection_modifyitems(config, items):

@@ -55,7 +55,7 @@ def quiet_rounds(info):
     """Indices of the rounds the ratios use: on a CPU run, those in which no step lost its cores to other jobs
     (when at least MIN_QUIET_ROUNDS are); otherwise all of them."""
     engines = info["engines"]
-    n = len(engines["func"]["times_s"])
+    n = len(next(iter(engines.values()))["times_s"])
     shares = [v.get("cpu_share") for v in engines.values()]
     if any(s is None or None in s for s in shares):
         return list(range(n))
@@ -68,19 +68,31 @@ def _paired(times, num, den):
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
+def _ratio_pair(times, num, den):
+    """times[num] / times[den] as (median of per-round ratios, ratio of the best rounds); (None, None) when either
+    engine did not run (it failed, or the run left it out)."""
+    if num not in times or den not in times:
+        return None, None
+    return _paired(times, num, den), min(times[num]) / min(times[den])
+
+
 def train_step_ratios(info):
     """Per engine, over the quiet rounds: speedup over func (img/s ratio) and time over the flow-matching step, each
-    as the median of per-round ratios and as the ratio of the best rounds; memory over func's."""
+    as the median of per-round ratios and as the ratio of the best rounds; memory over func's. A ratio against an
+    engine that did not run is None."""
     engines, used = info["engines"], quiet_rounds(info)
     times = {e: [v["times_s"][i] for i in used] for e, v in engines.items()}
+    func_memory = engines["func"]["memory_bytes"] if "func" in engines else None
     out = {}
     for e, v in engines.items():
+        speedup, speedup_best = _ratio_pair(times, "func", e)
+        vs_fm, vs_fm_best = _ratio_pair(times, e, "flow matching")
         out[e] = {
-            "speedup": _paired(times, "func", e),
-            "speedup_best": min(times["func"]) / min(times[e]),
-            "vs_fm": _paired(times, e, "flow matching"),
-            "vs_fm_best": min(times[e]) / min(times["flow matching"]),
-            "memory_ratio": v["memory_bytes"] / engines["func"]["memory_bytes"],
+            "speedup": speedup,
+            "speedup_best": speedup_best,
+            "vs_fm": vs_fm,
+            "vs_fm_best": vs_fm_best,
+            "memory_ratio": None if func_memory is None else v["memory_bytes"] / func_memory,
         }
     return out
 
@@ -107,14 +119,19 @@ def _train_step_section(bench, gpu):
     rows = []
     for engine, v in info["engines"].items():
         r = ratios[engine]
-        row = [engine, f"{r['speedup']:.2f}x / {r['speedup_best']:.2f}x", f"{r['vs_fm']:.2f}x / {r['vs_fm_best']:.2f}x",
-               f"{v['memory_bytes'] / MiB:.1f}", f"{r['memory_ratio']:.2f}x"]
+        row = [engine, "-" if r["speedup"] is None else f"{r['speedup']:.2f}x / {r['speedup_best']:.2f}x",
+               "-" if r["vs_fm"] is None else f"{r['vs_fm']:.2f}x / {r['vs_fm_best']:.2f}x",
+               f"{v['memory_bytes'] / MiB:.1f}", "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}x"]
         if gpu:
             row += [f"{v['img_per_s']:.1f}", f"{v['median_s'] * 1e3:.1f}"]
         rows.append(row)
-    n, used = len(info["engines"]["func"]["times_s"]), len(quiet_rounds(info))
+    failed = info.get("failed", {})
+    rows += [[engine, "failed"] + ["-"] * (len(header) - 2) for engine in failed]
+    n, used = info["rounds"], len(quiet_rounds(info))
     note = (f"memory: {info['memory_measure']}. median: the median over rounds of the per-round ratio; best: ratio "
             f"of each engine's fastest round.")
+    for engine, why in failed.items():
+        note += f" {engine} did not run: {why}."
     if any(v.get("cpu_share") for v in info["engines"].values()):
         note += (f" Ratios use {used} of {n} rounds: those in which every step got at least {QUIET_SHARE:.0%} of the "
                  f"best CPU share of the run (in the others, other jobs took the cores).")
@@ -133,7 +150,8 @@ def _kernel_section(title, impls, ref, rate_key, rate_label, rate_scale, versus_
     rows = []
     for name, b in impls.items():
         t = b["stats"]["median"]
-        row = [name, "-" if t_ref is None else f"{t_ref / t:.2f}x", versus(b), f"{_rate(b, rate_key) / rate_scale:.1f}"]
+        comparable = t_ref is not None and b["extra_info"].get("tangent", True)  # a primal-only row is no speedup
+        row = [name, f"{t_ref / t:.2f}x" if comparable else "-", versus(b), f"{_rate(b, rate_key) / rate_scale:.1f}"]
         rows.append(row + ([f"{t * 1e6:.1f}"] if gpu else []))
     return "\n".join([f"#### {title}", "", _table(header, rows)])
 
@@ -178,12 +196,21 @@ def render(data):
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _train_goal(data, kind, model, engine, key, fmt):
+    """(value, text) of a training-step goal; (None, why) when the run tried but an engine it compares failed."""
+    if run_info(data)["device_kind"] != kind:
+        return None
     for b in _suite(data, "train_step"):
         info = b["extra_info"]["train_step"]
-        if run_info(data)["device_kind"] == kind and (model is None or info["model"] == model) \
-                and engine in info["engines"]:
+        if model is not None and info["model"] != model:
+            continue
+        where = f" ({info['model']}, batch {info['batch']})"
+        failed = info.get("failed", {})
+        if engine in info["engines"]:
             value = train_step_ratios(info)[engine][key]
-            return value, fmt.format(value) + f" ({info['model']}, batch {info['batch']})"
+            if value is not None:
+                return value, fmt.format(value) + where
+        if failed:
+            return None, "not measured: " + "; ".join(f"{e} failed ({why})" for e, why in failed.items()) + where
     return None
 
 
@@ -258,7 +285,8 @@ def measure_goals(data):
         value, text = got
         if text is None:
             text = f"{value:.0%}" if key == "gpu-adaln-bw" else f"{value:.2f}x"
-        out[key] = {"value": text, "met": bool(met(value)), "device": env["device"], "date": env["date"]}
+        met_value = None if value is None else bool(met(value))  # None: tried, but not measurable in this run
+        out[key] = {"value": text, "met": met_value, "device": env["device"], "date": env["date"]}
     return out
 
 
@@ -270,7 +298,8 @@ def goals_table(measured):
             missing = NOT_MEASURED_GPU if kind == "gpu" else "not measured yet"
             rows.append([goal, target, missing, "-", "-"])
         else:
-            rows.append([goal, target, m["value"], "yes" if m["met"] else "**no**", f"{m['device']}, {m['date']}"])
+            met = "-" if m["met"] is None else "yes" if m["met"] else "**no**"
+            rows.append([goal, target, m["value"], met, f"{m['device']}, {m['date']}"])
     return _table(["goal", "target", "measured", "met", "device, date"], rows)
 
 

@@ -58,23 +58,23 @@ def adaln_record(B, N, C, impl):
 
 
 def adaln_case(B, N, C, *, dtype=torch.bfloat16, device=None, pool=None, seed=0):
-    """The setup factory of this suite: a pool of (x, shift, scale, dx, dshift, dscale) sets."""
+    """The setup factory of this suite: a pool of (x, shift, scale, dx, dshift, dscale) sets, drawn on the device."""
     device = device or bench_device()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     set_bytes = (2 * B * N * C + 4 * B * C) * torch.empty((), dtype=dtype).element_size()
     pool = pool or pool_size(set_bytes)
 
     def one_set():
-        x, dx = (torch.randn(B, N, C, generator=g) for _ in range(2))
-        shift, scale, dshift, dscale = (0.1 * torch.randn(B, C, generator=g) for _ in range(4))
-        return tuple(t.to(device, dtype) for t in (x, shift, scale, dx, dshift, dscale))
+        x, dx = (torch.randn(B, N, C, generator=g, device=device) for _ in range(2))
+        shift, scale, dshift, dscale = (0.1 * torch.randn(B, C, generator=g, device=device) for _ in range(4))
+        return tuple(t.to(dtype) for t in (x, shift, scale, dx, dshift, dscale))
 
     return Case([one_set() for _ in range(pool)], IMPLS, device)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}-N{s[1]}-C{s[2]}")
-def test_adaln(benchmark, shape, impl):
+def test_adaln(benchmark, shape, impl, profile):
     device = bench_device()
     require_gpu(device, "adaLN")
     B, N, C = shape
@@ -85,4 +85,5 @@ def test_adaln(benchmark, shape, impl):
     estimate = min(time_once(call, device) for _ in range(3))
     benchmark.group, info = adaln_record(B, N, C, impl)
     benchmark.extra_info.update(info)
-    benchmark.pedantic(call, rounds=max(20, min(500, int(1.0 / estimate))), warmup_rounds=5, iterations=1)
+    benchmark.pedantic(call, rounds=profile.kernel_rounds(estimate, 20, 500), warmup_rounds=profile.scaled(5),
+                       iterations=1)

@@ -5,6 +5,9 @@ Engines, all on one model and one optimizer (the work of a step does not depend 
 - "func": the torch.func.jvp reference engine (SDPA forced to MATH, the only backend with forward AD).
 - "dual": the one-pass dual engine on the torch reference ops (mfkernels backend "torch").
 - "dual+kernels": the dual engine on the Triton kernels (backend "triton"; GPU only).
+An engine that cannot run is recorded in extra_info["train_step"]["failed"] and the others are still timed: "func"
+may fail on a GPU (out of memory, functorch limits) and any engine may run out of memory (a batch that does not fit
+is a result); any other error of the project's engines fails the benchmark.
 
 The engines run interleaved, one step each per round in a rotating order, so that drift in the machine's speed
 (other jobs on shared cores, clocks) falls on all of them alike; ratios are medians of per-round ratios, on CPU over
@@ -12,9 +15,11 @@ the rounds in which no step lost its cores to other jobs (each step's CPU share 
 pytest-benchmark's own row is the time of one whole round; the per-engine numbers live in extra_info["train_step"].
 Shapes: on GPU DiT-B/2 and DiT-XL/2 on 256 px latents (32x32x4, 1000 classes), batch 64, bf16 autocast; on CPU a
 small DiT (DiT-Tiny/4 on 32x32x1, 10 classes, batch 32: 64 tokens) in fp32.
+Under --gpu-check (make gpu-check) DiT-XL/2 runs "dual+kernels" only: its step time and peak memory.
 """
 
 import contextlib
+import gc
 import os
 import statistics
 from dataclasses import dataclass
@@ -45,7 +50,8 @@ ENGINES = {
 LATENTS_256PX = dict(input_size=32, in_channels=4, num_classes=1000)
 GPU_SHAPES = [("DiT-B/2", LATENTS_256PX, 64), ("DiT-XL/2", LATENTS_256PX, 64)]
 CPU_SHAPES = [("DiT-Tiny/4", dict(input_size=32, in_channels=1, num_classes=10), 32)]
-ROUNDS = {"cuda": (3, 10), "cpu": (1, 20)}  # (warm-up rounds, timed rounds)
+ROUNDS = {"cuda": (3, 10), "cpu": (1, 20)}  # (warm-up rounds, timed rounds); scaled by the profile on GPU
+GPU_CHECK_ENGINES = {"DiT-XL/2": ("dual+kernels",)}  # --gpu-check: the fast path only where func would not pay off
 
 
 class TrainStepCase:
@@ -101,9 +107,9 @@ def train_step_case(name, overrides, batch, *, device=None, dtype=torch.float32,
                          dtype, autocast_dtype)
 
 
-def train_step_record(name, overrides, batch, precision, times, shares, memory, memory_measure, load):
+def train_step_record(name, overrides, batch, precision, times, shares, memory, memory_measure, load, failed=None):
     """extra_info of one interleaved run: what the report reads. times and shares {engine: [one per round]} (shares
-    from time_and_share; None on GPU), memory {engine: bytes}."""
+    from time_and_share; None on GPU), memory {engine: bytes}, failed {engine: why it did not run}."""
     engines = {
         engine: {
             "median_s": statistics.median(t),
@@ -115,8 +121,9 @@ def train_step_record(name, overrides, batch, precision, times, shares, memory, 
         }
         for engine, t in times.items()
     }
-    step = dict(model=name, overrides=overrides, batch=batch, precision=precision, rounds=len(times["func"]),
-                memory_measure=memory_measure, engines=engines, load=load)
+    step = dict(model=name, overrides=overrides, batch=batch, precision=precision,
+                rounds=len(next(iter(times.values()))), memory_measure=memory_measure, engines=engines, load=load,
+                failed=dict(failed or {}))
     return {"suite": "train_step", "train_step": step}
 
 
@@ -124,18 +131,47 @@ def _shapes():
     return GPU_SHAPES if bench_device().type == "cuda" else CPU_SHAPES
 
 
+def _tolerated(engine, error):
+    return engine == "func" or isinstance(error, torch.OutOfMemoryError)
+
+
+def _describe(error):
+    """One line for the report (a markdown table cell: no pipes)."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+    return text.replace("|", "/")
+
+
+def _release(device):
+    """Return what a failed step left behind to the allocator, so the other engines are measured as usual."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 @pytest.mark.benchmark(group="train_step")
 @pytest.mark.parametrize("shape", _shapes(), ids=lambda s: f"{s[0]}-b{s[2]}")
-def test_train_step(benchmark, shape):
+def test_train_step(benchmark, shape, profile):
     name, overrides, batch = shape
     device = bench_device()
     case = train_step_case(name, overrides, batch, device=device,
                            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    engines = case.engines()
+    only = GPU_CHECK_ENGINES.get(name) if profile.quick else None
     mem_kind, meter = memory_meter(device)
-    for engine in engines:  # also the first warm-up step of each engine
-        case.step(engine)
-    memory = {engine: meter(case.runner(engine), list(case.model.parameters())) for engine in engines}
+    memory, failed = {}, {}
+    for engine in [e for e in case.engines() if only is None or e in only]:
+        try:
+            case.step(engine)  # also the first warm-up step of each engine
+            memory[engine] = meter(case.runner(engine), list(case.model.parameters()))
+        except Exception as error:  # noqa: BLE001 (which errors are tolerated is decided by _tolerated)
+            if not _tolerated(engine, error):
+                raise
+            failed[engine] = _describe(error)
+        if engine in failed:  # outside the except block: the error and its frames are gone by now
+            _release(device)
+    engines = list(memory)
+    if not engines:
+        pytest.fail(f"{name} batch {batch}: no engine could run: {failed}")
     times = {engine: [] for engine in engines}
     shares = {engine: [] for engine in engines}
 
@@ -149,6 +185,8 @@ def test_train_step(benchmark, shape):
 
     one_round.calls = 0
     warmup, rounds = ROUNDS[device.type]
+    if device.type == "cuda":
+        warmup, rounds = profile.scaled(warmup), profile.scaled(rounds)
     load_before = os.getloadavg()[0]
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup, iterations=1)
     for engine in engines:  # drop the warm-up rounds
@@ -156,5 +194,5 @@ def test_train_step(benchmark, shape):
     load = {"before": load_before, "after": os.getloadavg()[0], "cores": os.cpu_count()}
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     benchmark.extra_info.update(
-        train_step_record(name, overrides, batch, precision, times, shares, memory, mem_kind, load))
+        train_step_record(name, overrides, batch, precision, times, shares, memory, mem_kind, load, failed))
 

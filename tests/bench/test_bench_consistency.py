@@ -70,7 +70,9 @@ def test_attention_impls_agree(seed):
     for impl in attn_bench.IMPLS:
         o, do = case.run(impl, inputs)
         assert rel_err(o, o_ref) <= 1e-10, impl
-        if impl != attn_bench.FLOOR:
+        if impl in attn_bench.TANGENT_FREE:
+            assert do is None, impl
+        else:
             assert rel_err(do, do_ref) <= 1e-10, impl
     case.call(attn_bench.REFERENCE)()  # the timed call: next set of the pool
     assert case.inputs.calls == 1
@@ -92,7 +94,7 @@ def test_adaln_impls_agree(seed):
 
 
 ATTN_FAKE_MS = {attn_bench.REFERENCE: 10.0, attn_bench.PROJECT: 1.0, "func.jvp(kernel)": 1.25,
-                "attention_jvp_torch": 5.0, attn_bench.FLOOR: 0.5}
+                "attention_jvp_torch": 5.0, attn_bench.FORWARD: 0.6, attn_bench.FLOOR: 0.5}
 ADALN_FAKE_US = {adaln_bench.REFERENCE: 300.0, adaln_bench.PROJECT: 100.0, "func.jvp(layer_norm + modulate)": 600.0,
                  adaln_bench.CEILING: 80.0}
 
@@ -127,6 +129,8 @@ def test_report_renders_ratios_rates_and_goals():
     assert "| dual+kernels | 1.67x / 1.67x | 1.20x / 1.20x | 100.0 | 0.33x | 53.3 | 1200.0 |" in text
     # 10x the MATH JVP, 2x the flash forward, 3 * 4 * 4 * 16 * 4096^2 * 64 FLOP in 1 ms
     assert "| attention_jvp kernel | 10.00x | 2.00x | 824.6 | 1000.0 |" in text
+    # a primal-only row: no speedup against a JVP, one forward's FLOPs (4 * 4 * 16 * 4096^2 * 64) in 0.6 ms
+    assert "| attention kernel (forward) | - | 1.20x | 458.1 | 600.0 |" in text
     # 3x the composite; (4BNC + 4BC) * 2 bytes in 100 us against the copy's 4BNC * 2 bytes in 80 us
     share = (4 * 32 * 256 * 768 + 4 * 32 * 768) / 100 / (4 * 32 * 256 * 768 / 80)
     assert f"| adaln_modulate_jvp kernel | 3.00x | {share:.0%} |" in text
@@ -157,3 +161,47 @@ def test_report_ratios_skip_rounds_that_lost_their_cores():
     assert report.quiet_rounds(info) == [0, 1, 2]
     ratios = report.train_step_ratios(info)["dual"]
     assert ratios["vs_fm"] == pytest.approx(1.4) and ratios["speedup"] == pytest.approx(2.0 / 1.4)
+
+
+def _train_step_run(engines, failed, model="DiT-B/2"):
+    """A GPU run of one training-step benchmark in which only ``engines`` ran ({engine: seconds per step})."""
+    info = step_bench.train_step_record(model, {}, 64, "bf16 autocast", {e: [t, t] for e, t in engines.items()},
+                                        {e: [None, None] for e in engines}, {e: 100 * 2**20 for e in engines}, "m",
+                                        {"before": 0.0, "after": 0.0, "cores": 16}, failed)
+    env = {"device": "Test GPU", "device_kind": "gpu", "torch": "t", "triton": "x", "commit": "abc"}
+    return {"machine_info": {"meanflow": env}, "commit_info": {}, "datetime": "2030-01-02T00:00:00",
+            "benchmarks": [{"group": "train_step", "extra_info": info, "stats": {"median": 1.0}}]}
+
+
+def test_report_records_an_engine_that_failed():
+    """func out of memory on a GPU is a result: the table says so, the ratios against it are "-", and the goals that
+    compare with func read "not measured" rather than a number or "no GPU"."""
+    run = _train_step_run({"flow matching": 1.0, "dual+kernels": 1.2},
+                          {"func": "OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB"})
+    text = report.render(run)
+    assert "| dual+kernels | - | 1.20x / 1.20x | 100.0 | - | 53.3 | 1200.0 |" in text
+    assert "| func | failed | - | - | - | - | - |" in text
+    assert "func did not run: OutOfMemoryError: CUDA out of memory." in text
+    goals = report.measure_goals(run)
+    assert goals["gpu-step-vs-fm"]["value"].startswith("1.20x") and goals["gpu-step-vs-fm"]["met"]
+    for key in ("gpu-step-speed", "gpu-step-memory"):
+        assert goals[key]["met"] is None
+        assert goals[key]["value"].startswith("not measured: func failed (OutOfMemoryError")
+    md = report.update_markdown("", run)
+    assert "| not measured: func failed (OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB) " \
+           "(DiT-B/2, batch 64) | - |" in md
+
+
+def test_report_renders_a_step_timed_alone():
+    """make gpu-check times DiT-XL/2 with dual+kernels only: its time and memory, no ratios, no goal."""
+    run = _train_step_run({"dual+kernels": 0.5}, {}, model="DiT-XL/2")
+    assert "| dual+kernels | - | - | 100.0 | - | 128.0 | 500.0 |" in report.render(run)
+    assert report.measure_goals(run) == {}
+
+
+def test_train_step_tolerates_only_func_failures_and_out_of_memory():
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried | to allocate\nmore")
+    assert step_bench._tolerated("func", RuntimeError("Cannot access storage of TensorWrapper"))
+    assert step_bench._tolerated("dual+kernels", oom)
+    assert not step_bench._tolerated("dual+kernels", RuntimeError("a kernel bug"))
+    assert step_bench._describe(oom) == "OutOfMemoryError: CUDA out of memory. Tried / to allocate"
