@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PINS   := requirements/pins.txt
 NPROC  ?= $(shell $(PY) -c "import torch; print(max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 2)" 2>/dev/null || echo 2)
 
-.PHONY: test test-all demo bench clean-venv native
+.PHONY: test test-all demo bench clean-venv native gpu-check
 
 # The install step also builds the native CPU kernels (csrc/), and reruns when they change.
 $(STAMP): setup.py $(PINS) CMakeLists.txt $(wildcard csrc/*)
@@ -42,6 +42,14 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark
+
+# On a GPU machine with torch and triton preinstalled (no .venv, no network): the CUDA tests, the GPU benchmarks and
+# two short torchrun runs, within 8 minutes, everything under $(GPU_CHECK_OUT) (see README, "GPU check"). Without
+# CUDA it prints one line, writes nothing and exits 2. No .venv stamp: nothing is installed.
+GPU_PYTHON    ?= python3
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check:
+	@GPU_CHECK_OUT="$(GPU_CHECK_OUT)" $(GPU_PYTHON) -m bench.gpu_check
 
 clean-venv:
 	rm -rf $(VENV)
