@@ -10,4 +10,5 @@ Suites, each with one setup factory that the consistency tests (tests/bench) imp
 - test_adaln.py       ``adaln_case``: the fused adaLN dual op vs its torch composites (GPU only).
 
 Every suite times the reference and the project's path in the same run; the report's headline is their ratio.
+``--gpu-check`` runs them with the quick profile of `make gpu-check` (bench.gpu_check, which validates a GPU machine).
 """

@@ -312,7 +312,8 @@ HEADER = """# Benchmarks
 Run `pytest bench/ --benchmark --benchmark-json=/tmp/bench.json`, then
 `python -m bench.report /tmp/bench.json --update BENCHMARKS.md`: this keeps the latest table per device and the
 measured column of the goals below. Every ratio is measured against its reference in the same run; absolute times are
-printed for GPU runs only. Suites and formulas: see the docstrings in bench/.
+printed for GPU runs only. Suites and formulas: see the docstrings in bench/. On a GPU machine, `make gpu-check`
+writes such a JSON (quick rounds) as `runs/gpu-check/bench.json`.
 """
 GOAL_NOTES = """\
 The CPU targets replace the Benchmarks issue's ">= 1.5x func img/s, <= 0.7x memory": a MeanFlow step adds one
