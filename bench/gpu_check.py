@@ -210,7 +210,8 @@ def run_command(step, cmd, out, env, ok_codes=(0,)):
                 proc.kill()
             raise
     step.elapsed_s, step.returncode = time.monotonic() - start, rc
-    if rc in (124, 128 + signal.SIGKILL) and step.elapsed_s >= step.budget_s - 1:
+    # 124: stopped by SIGTERM; 137 or -9: the SIGKILL that follows (it may also reach timeout, in the same group)
+    if rc in (124, 128 + signal.SIGKILL, -signal.SIGKILL) and step.elapsed_s >= step.budget_s - 1:
         step.status = "timeout"
         step.detail = f"stopped after its {step.budget_s} s budget; last output: {_last_line(log)}"
     elif rc in ok_codes:
@@ -524,6 +525,8 @@ def main(argv=None):
             claim_out_dir(out)
         except Refused as e:
             problem = str(e)
+        except OSError as e:
+            problem = f"gpu-check: cannot prepare GPU_CHECK_OUT={out}: {e}"
     if problem is not None:
         print(problem, file=sys.stderr)
         return 2
