@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from mfkernels import _native
 from mfkernels._backend import get_backend, use_triton
+from mfkernels._dtypes import check_dtypes, no_autocast
 from mfkernels._launch import (
     MAX_BLOCK_C,
     acc_dtype,
@@ -89,13 +90,22 @@ def adaln_tangent_reference(x, shift, scale, dx, dshift, dscale, eps=DEFAULT_EPS
 
 
 def adaln_modulate_jvp_torch(x, shift, scale, dx, dshift, dscale, eps=DEFAULT_EPS):
-    """Fast torch composite: the LayerNorm Jacobian is symmetric, so its backward kernel applied to dx is J dx."""
+    """Fast torch composite: the LayerNorm Jacobian is symmetric, so its backward kernel applied to dx is J dx.
+
+    The tangent is computed in the tangents' dtype. fp32 tangents on 16-bit primals get xh, mean and rstd recomputed
+    in fp32 from x (aten returns them in bf16 for bf16 x), as the kernel's fp32 row statistics give them.
+    """
     C = x.shape[-1]
     xh, mean, rstd = torch.ops.aten.native_layer_norm(x, [C], None, None, eps)
     y = torch.addcmul(shift[:, None, :], xh, 1 + scale[:, None, :])
-    with torch.no_grad():
+    td = dx.dtype
+    with torch.no_grad(), no_autocast(dx):
+        wider = td != x.dtype
+        x, scale = x.detach().to(td), scale.detach().to(td)
+        if wider:
+            xh, mean, rstd = torch.ops.aten.native_layer_norm(x, [C], None, None, eps)
         dxh = torch.ops.aten.native_layer_norm_backward(
-            dx, x.detach(), [C], mean.detach(), rstd.detach(), None, None, [True, False, False]
+            dx, x, [C], mean.detach(), rstd.detach(), None, None, [True, False, False]
         )[0]
         xh = xh.detach()
         dy = dxh * (1 + scale[:, None, :]) + xh * dscale[:, None, :] + dshift[:, None, :]
@@ -208,8 +218,7 @@ def _check(x, shift, scale, tangents=None):
             raise ValueError(f"adaln_modulate: {name} must have shape {want}, got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"adaln_modulate: {name} is on {t.device} but x is on {x.device}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"adaln_modulate: {name} has dtype {t.dtype} but x has {x.dtype}")
+    check_dtypes("adaln_modulate", {"x": x, "shift": shift, "scale": scale}, tangents)
 
 
 def _block_c(C):
@@ -391,11 +400,13 @@ class _AdaLNModulateJvpNative(torch.autograd.Function):
 
 def _use_native(*tensors):
     """True when the native kernel can run the dual op on these tensors and nothing would trace through it: the
-    library is built and enabled, the tensors are plain CPU fp32/fp64, and no torch.func transform, forward-mode AD
-    level or torch.compile trace is active (the Function defines no jvp, and C cannot read wrapped or fake tensors)."""
+    library is built and enabled, the tensors are plain CPU fp32/fp64 of one dtype (the C kernel takes no fp32
+    tangent on a 16-bit primal), and no torch.func transform, forward-mode AD level or torch.compile trace is active
+    (the Function defines no jvp, and C cannot read wrapped or fake tensors)."""
     x = tensors[0]
     return (
         x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        and all(t.dtype == x.dtype for t in tensors)
         and _native.native_available()
         and torch._C._functorch.maybe_current_level() is None
         and not torch.compiler.is_compiling()

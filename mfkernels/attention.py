@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from mfkernels._backend import use_triton
+from mfkernels._dtypes import check_dtypes, no_autocast
 from mfkernels._launch import kernel_launch as _kernel_launch
 from mfkernels._launch import plain as _plain
 from mfkernels._launch import records_graph as _records_graph
@@ -69,18 +70,23 @@ def attention_reference(q, k, v, scale=None):
 
 
 def attention_jvp_torch(q, k, v, dq, dk, dv, scale=None):
-    """Primal through explicit softmax (autograd records it); the tangent reuses P with no graph.
+    """Primal through explicit softmax (autograd records it); the tangent with no graph, in the tangents' dtype.
 
     The softmax Jacobian is symmetric, so softmax's backward kernel applied to dS is exactly P * (dS - rowsum(P dS)).
+    Tangents of the primal's dtype reuse P. fp32 tangents on 16-bit primals get P recomputed in fp32 from q and k, as
+    the kernel's fp32 scores give it: the tangent then depends on the rounded inputs only, not on a rounded P.
     """
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     p = torch.softmax((q @ k.transpose(-2, -1)) * s, dim=-1)  # (B, H, Nq, Nkv)
     o = p @ v  # (B, H, Nq, D)
-    with torch.no_grad():
-        p = p.detach()
-        ds = (dq @ k.detach().transpose(-2, -1) + q.detach() @ dk.transpose(-2, -1)) * s
-        dp = torch.ops.aten._softmax_backward_data(ds, p, -1, p.dtype)
-        do = dp @ v.detach() + p @ dv
+    td = dq.dtype
+    with torch.no_grad(), no_autocast(dq):
+        wider = td != q.dtype
+        q, k, v = (t.detach().to(td) for t in (q, k, v))
+        p = torch.softmax((q @ k.transpose(-2, -1)) * s, dim=-1) if wider else p.detach().to(td)
+        ds = (dq @ k.transpose(-2, -1) + q @ dk.transpose(-2, -1)) * s
+        dp = torch.ops.aten._softmax_backward_data(ds, p, -1, td)
+        do = dp @ v + p @ dv
     return o, do
 
 
@@ -120,10 +126,9 @@ def _check(q, k, v, tangents=None):
                 raise ValueError(f"attention: {name} must have shape {tuple(primal.shape)}, got {tuple(t.shape)}")
             named[name] = t
     for name, t in named.items():
-        if t.dtype != q.dtype:
-            raise ValueError(f"attention: {name} has dtype {t.dtype} but q has {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"attention: {name} is on {t.device} but q is on {q.device}")
+    check_dtypes("attention", {"q": q, "k": k, "v": v}, tangents)
 
 
 def _check_kernel(q, k):

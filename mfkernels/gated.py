@@ -23,6 +23,7 @@ Non-contiguous inputs are copied to contiguous ones before a launch.
 import torch
 
 from mfkernels._backend import use_triton
+from mfkernels._dtypes import check_dtypes, no_autocast
 from mfkernels._launch import (
     acc_dtype,
     autotune_warps,
@@ -46,8 +47,10 @@ def gated_residual_reference(x, gate, y):
 
 
 def gated_residual_jvp_torch(x, gate, y, dx, dgate, dy):
+    """out with its graph; dout with none, in the tangents' dtype (from the primal gate and y cast to it)."""
     out = torch.addcmul(x, gate[:, None, :], y)
-    with torch.no_grad():
+    with torch.no_grad(), no_autocast(dx):
+        gate, y = gate.detach().to(dx.dtype), y.detach().to(dx.dtype)
         dout = torch.addcmul(torch.addcmul(dx, dgate[:, None, :], y), gate[:, None, :], dy)
     return out, dout
 
@@ -120,8 +123,7 @@ def _check(x, gate, y, tangents=None):
             raise ValueError(f"gated_residual: {name} must have shape {want}, got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"gated_residual: {name} is on {t.device} but x is on {x.device}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"gated_residual: {name} has dtype {t.dtype} but x has {x.dtype}")
+    check_dtypes("gated_residual", {"x": x, "gate": gate, "y": y}, tangents)
 
 
 def _tiles(N, C):

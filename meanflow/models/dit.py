@@ -18,7 +18,15 @@ from torch.utils.checkpoint import checkpoint
 
 import mfkernels
 from meanflow.models.inputs import check_model_inputs
-from meanflow.models.layers import LabelEmbedder, Mlp, TimestepEmbedder, linear_dual, silu_dual
+from meanflow.models.layers import (
+    LabelEmbedder,
+    Mlp,
+    TimestepEmbedder,
+    linear_dual,
+    no_autocast,
+    silu_dual,
+    tangent_dtype,
+)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # blocks
@@ -139,6 +147,7 @@ class DiT(nn.Module):
         self.sample_shape = (in_channels, input_size, input_size)
         self.check_values = True  # the trainer turns value checks off: it builds r, t and y itself
         self.checkpoint_blocks = False  # activation checkpointing of each block (set by meanflow.parallel)
+        self.tangent_precision = "fp32"  # "fp32" or "primal": the tangent dtype under bf16 (layers.tangent_dtype)
         grid = input_size // patch_size
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
@@ -220,16 +229,19 @@ class DiT(nn.Module):
     def dual(self, z, r, t, y, dz, dr, dt):
         """(u, du): u as in forward (with its graph), du = J u . (dz, dr, dt) with no graph.
 
-        dr and dt are tensors of shape (B,) (the tangents of r and t).
+        dr and dt are tensors of shape (B,) (the tangents of r and t). du comes back in the tangent's dtype (fp32
+        under bf16 unless ``tangent_precision`` is "primal"), u in the primal's.
         """
         self._check(z, r, t, y, dz=dz)
         y = self._labels(y, z.shape[0], z.device)
         x = self._tokens(z)
-        with torch.no_grad():
-            dx = F.conv2d(dz.to(self.x_embedder.weight.dtype), self.x_embedder.weight, stride=self.patch_size)
+        w = self.x_embedder.weight
+        td = tangent_dtype(w, self.tangent_precision)  # every layer below keeps the tangent in this dtype
+        with torch.no_grad(), no_autocast(dz):
+            dx = F.conv2d(dz.to(td), w.to(td), stride=self.patch_size)
             dx = dx.flatten(2).transpose(1, 2)  # (B, T, D); bias and position embedding are constant
-        c, dc = self.t_embedder.dual(t, dt)
-        h, dh = self.h_embedder.dual(t - r, dt - dr)
+        c, dc = self.t_embedder.dual(t, dt.to(td))
+        h, dh = self.h_embedder.dual(t - r, (dt - dr).to(td))
         c, dc = c + h, dc + dh
         if y is not None:
             c = c + self.y_embedder(y)  # labels are discrete: no tangent

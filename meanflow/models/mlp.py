@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from meanflow.models.inputs import check_model_inputs
-from meanflow.models.layers import LabelEmbedder, TimestepEmbedder, linear_dual, silu_dual
+from meanflow.models.layers import LabelEmbedder, TimestepEmbedder, linear_dual, silu_dual, tangent_dtype
 
 
 class ResidualBlock(nn.Module):
@@ -34,6 +34,7 @@ class MLP(nn.Module):
         self.dim, self.num_classes = dim, num_classes
         self.sample_shape = (dim,)
         self.check_values = True
+        self.tangent_precision = "fp32"  # "fp32" or "primal": the tangent dtype under bf16 (layers.tangent_dtype)
         self.in_proj = nn.Linear(dim, width)
         self.t_embedder = TimestepEmbedder(width, time_scale=time_scale)
         self.h_embedder = TimestepEmbedder(width, time_scale=time_scale)
@@ -53,7 +54,8 @@ class MLP(nn.Module):
     def forward(self, z, r, t, y=None):
         check_model_inputs(z, r, t, y, sample_shape=self.sample_shape, num_classes=self.num_classes,
                            check_values=self.check_values)
-        h = self.in_proj(z) + self.t_embedder(t) + self.h_embedder(t - r)  # (B, W)
+        # z follows the weights' dtype, as the DiT's tokens do: bf16 parameters (FSDP mixed precision) see bf16 input
+        h = self.in_proj(z.to(self.in_proj.weight.dtype)) + self.t_embedder(t) + self.h_embedder(t - r)  # (B, W)
         cy = self._condition(y, z.shape[0], z.device)
         if cy is not None:
             h = h + cy
@@ -64,9 +66,10 @@ class MLP(nn.Module):
     def dual(self, z, r, t, y, dz, dr, dt):
         check_model_inputs(z, r, t, y, sample_shape=self.sample_shape, num_classes=self.num_classes,
                            check_values=self.check_values, dz=dz)
-        h, dh = linear_dual(self.in_proj, z, dz)
-        a, da = self.t_embedder.dual(t, dt)
-        b, db = self.h_embedder.dual(t - r, dt - dr)
+        td = tangent_dtype(self.in_proj.weight, self.tangent_precision)  # every layer below keeps it
+        h, dh = linear_dual(self.in_proj, z.to(self.in_proj.weight.dtype), dz.to(td))
+        a, da = self.t_embedder.dual(t, dt.to(td))
+        b, db = self.h_embedder.dual(t - r, (dt - dr).to(td))
         h, dh = h + a + b, dh + da + db
         cy = self._condition(y, z.shape[0], z.device)
         if cy is not None:
