@@ -10,6 +10,11 @@ quantile to quantile:
     u(z, r, t)    = (z - phi_{t->r}(z)) / (t - r)                  (the true average velocity, r < t)
 """
 
+import contextlib
+import importlib
+import math
+
+import pytest
 import torch
 import torch.nn as nn
 
@@ -22,6 +27,31 @@ def randomize(model, std=0.1, generator=None):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
     return model
+
+
+def randomize_fan_in(model, generator=None):
+    """Every weight from N(0, 1/fan_in) (fan_in: the size of one output's row; embedding tables alike), every bias
+    from N(0, 0.1^2): nothing zero-initialised (adaLN-Zero would make every block the identity and hide a wrong
+    tangent), and activations of order one through all blocks, unlike the small ones of :func:`randomize`."""
+    with torch.no_grad():
+        for p in model.parameters():
+            std = 1 / math.sqrt(p[0].numel()) if p.dim() > 1 else 0.1
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
+    return model
+
+
+@contextlib.contextmanager
+def float64_tangent():
+    """Inside, a DiT's dual engine carries a float64 tangent on whatever primal it runs (the floor of a bf16 primal:
+    its tangent without rounding of its own). The ops' dtype rule admits no float64 tangent on a bf16 primal (fp32
+    only), so it is lifted here; their torch paths compute in the tangent's dtype whatever it is."""
+    import meanflow.models.dit as dit_module
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(dit_module, "tangent_dtype", lambda weight, precision: torch.float64)
+        for name in ("attention", "adaln", "gated"):
+            m.setattr(importlib.import_module(f"mfkernels.{name}"), "check_dtypes", lambda *a, **k: None)
+        yield
 
 
 def small_model(kind, dtype=torch.float64):
