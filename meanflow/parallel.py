@@ -2,8 +2,9 @@
 then FSDP2 (``fully_shard`` per DiT block, then the root).
 
 The dual path is a method beside ``forward``; ``register_fsdp_forward_method`` gives it the same all-gather hooks.
-Mixed precision keeps fp32 master weights and fp32 gradient reduction, with bf16 compute on GPU. Inputs are not
-cast by FSDP: times must stay fp32 (the embedders multiply them by up to 1000), and the model casts the rest.
+Mixed precision keeps fp32 master weights and fp32 gradient reduction, with bf16 compute on GPU; the dual engine
+carries its tangent in fp32 on the bf16 primal (``model.tangent_precision``). Inputs are not cast by FSDP: times must
+stay fp32 (the embedders multiply them by up to 1000), and the model casts the rest.
 """
 
 import torch
@@ -13,6 +14,14 @@ def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def set_tf32(enabled: bool):
+    """fp32 matmuls and convolutions on CUDA in TF32 (fp32 range, 10-bit mantissa: the tensor cores' fp32 path) or
+    in full fp32. Under bf16 it governs the fp32 tangent's GEMMs. The Triton attention kernel reads the same matmul
+    flag for its fp32 dots. CPU matmuls ignore both flags."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def blocks_of(model):

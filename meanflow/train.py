@@ -38,7 +38,7 @@ from meanflow.ema import EMA
 from meanflow.images import save_samples
 from meanflow.models import create_model
 from meanflow.objective import draw, meanflow_loss
-from meanflow.parallel import parallelize, precision_dtype
+from meanflow.parallel import parallelize, precision_dtype, set_tf32
 from meanflow.sampling import grid_classes, sample_grid
 
 log = logging.getLogger("meanflow.train")
@@ -113,12 +113,6 @@ def truncate_metrics(path, last_step):
 
 def build_optimizer(model, cfg, device):
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    if cfg.impl == "apex":
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError:
-            raise ConfigError("optim.impl: 'apex' needs NVIDIA apex installed; use 'auto' or 'torch'") from None
-        return FusedAdam(model.parameters(), adam_w_mode=True, **kwargs)
     return torch.optim.AdamW(model.parameters(), fused=device.type == "cuda", **kwargs)
 
 
@@ -165,8 +159,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = create_model(cfg.model.name, **cfg.model.build_kwargs()).to(d.device)
         model.check_values = False  # r, t and y are built here; skip the per-call device syncs
+        model.tangent_precision = cfg.train.tangent_precision
         self.ema = EMA.copy_of(model, cfg.optim.ema_decay, cfg.optim.ema_warmup)  # before sharding and compiling
         self.dtype = precision_dtype(cfg.train.precision, d.device)
+        set_tf32(cfg.train.tf32)
         self.model = parallelize(model, distributed=d.initialized, compute_dtype=self.dtype,
                                  compile=cfg.train.compile, activation_checkpointing=cfg.train.activation_checkpointing)
         parallelize(self.ema.module, distributed=d.initialized, compute_dtype=torch.float32)

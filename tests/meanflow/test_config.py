@@ -41,6 +41,9 @@ def test_contract_override_keys_exist_and_convert():
         (["--data.hflip=maybe"], "data.hflip"),
         (["--model.name=DiT-Z/2"], "model.name"),
         (["--objective.engine=jax"], "objective.engine"),
+        (["--train.tangent_precision=bf16"], "train.tangent_precision"),
+        (["--train.tf32=maybe"], "train.tf32"),
+        (["--optim.impl=apex"], "optim.impl"),
         (["--config", "no-such-preset"], "no-such-preset"),
         (["train.steps=3"], "train.steps=3"),
         (["--config"], "--config"),
@@ -80,3 +83,14 @@ def test_saved_config_round_trips(tmp_path):
     again = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert cfg.objective.cfg_w == 0.2 and cfg.objective.cfg_k == 0.92 and cfg.objective.cfg_t_end == 0.75
+
+
+def test_precision_keys(tmp_path):
+    cfg = resolve_config(["--config=smoke"])
+    assert (cfg.train.precision, cfg.train.tangent_precision, cfg.train.tf32) == ("auto", "fp32", True)
+    cfg = resolve_config(["--config=smoke", "--train.precision=bf16", "--train.tangent_precision=primal",
+                          "--train.tf32=false"])
+    assert (cfg.train.precision, cfg.train.tangent_precision, cfg.train.tf32) == ("bf16", "primal", False)
+    for name in ("imagenet-B2", "imagenet-XL2"):  # bf16 with fp32 tangents (reason in config._imagenet)
+        train = resolve_config(["--config", name, f"--data.root={tmp_path}"]).train
+        assert (train.precision, train.tangent_precision, train.tf32) == ("bf16", "fp32", True)
