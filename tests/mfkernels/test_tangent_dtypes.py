@@ -1,7 +1,6 @@
 """The *_jvp ops' dtype rule (mfkernels._dtypes): an fp32 tangent riding on a bf16 primal, through the torch path
 (the CPU path, and the oracle), against float64; and the ValueErrors of inputs that break the rule."""
 
-import importlib
 import math
 
 import pytest
@@ -9,8 +8,6 @@ import torch
 
 import mfkernels
 from mfkernels import _native, adaln
-
-attn_mod = importlib.import_module("mfkernels.attention")  # the package re-exports a function of the same name
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 
