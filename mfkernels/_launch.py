@@ -11,34 +11,57 @@ differentiable torch instead; :func:`records_graph` makes that call.
 
 import contextlib
 import functools
-from types import SimpleNamespace
+import math
+import struct
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
-from mfkernels._backend import _interpreting
+from mfkernels._backend import _interpreting, get_backend
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the kernels become inert stubs; use_triton() is then always False, so the torch path runs
-    triton = None
-    tl = SimpleNamespace(constexpr=None, float32=None, float64=None, bfloat16=None)
+except ImportError:  # the kernel definitions still execute against this stand-in; use_triton() is then always False
 
-# A whole row lives in registers. Compiled for sm_90 (ptxas -v, triton 3.8, fp32 accumulation), the adaLN kernels
-# stay spill-free up to 8192 channels with 16 warps (<= 123 registers) and spill at 16384. Wider rows take the torch
-# path (or raise when the triton backend is forced).
-MAX_BLOCK_C = 8192
-# Elements per program tile (rows x padded C): enough work per program for small C, few enough registers for large C.
-TILE_ELEMS = 4096
+    class _TritonMissing:
+        """Stands in for triton and triton.language: decorators pass functions through, types are None."""
+
+        constexpr = float32 = float64 = float16 = bfloat16 = None
+
+        @staticmethod
+        def jit(fn):
+            return fn
+
+        @staticmethod
+        def autotune(*args, **kwargs):
+            return lambda fn: fn
+
+        @staticmethod
+        def Config(*args, **kwargs):
+            return None
+
+    triton = tl = _TritonMissing()
+
+# Fixed at import, like triton itself: the interpreter takes exactly one autotune config, computes bf16 arithmetic
+# wrongly and truncates fp32 -> bf16 casts, and the kernels work around each of these only when it is on.
+INTERPRET = _interpreting()
+LOG2E = 1.0 / math.log(2.0)
+
+# A whole row lives in registers. Compiled for sm_80 and sm_90 (mfkernels.aot), the adaLN kernels keep every form
+# (y, y and dy, dy alone) out of spills up to 4096 channels in 16- and 32-bit dtypes; at 8192 the fp32 tangent-only
+# form spills even with 16 warps (128 registers a thread). Wider rows take the torch path (or raise when the triton
+# backend is forced).
+MAX_BLOCK_C = 4096
+# Elements per program tile (rows x padded C): enough work per program for small C, few enough registers for large C
+# (rows of up to 2048 channels share a tile; a 4096-channel row is a tile of its own).
+TILE_ELEMS = 2048
 # Interpreter: few programs, yet more than one partial per batch, so tests exercise the second-stage reduction.
 _INTERPRETER_PROGRAMS = 4
 
 
-def jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-_INTERPRETER = tl.constexpr(_interpreting()) if triton is not None else False
+jit = triton.jit
+_INTERPRETER = tl.constexpr(INTERPRET) if tl.constexpr is not None else False
 
 
 @jit
@@ -64,9 +87,21 @@ def row_tile(n_rows: int, block_c: int) -> int:
     return max(1, min(TILE_ELEMS // block_c, next_power_of_2(n_rows)))
 
 
-def _warps_for(tile_elems: int) -> int:
-    # ~16 fp32 values per thread per live array, as in Triton's LayerNorm tutorial (4096 elements -> 8 warps)
-    return max(1, min(16, tile_elems // 512))
+WARPS = (1, 2, 4, 8, 16)
+
+
+def warps_for_tile(block_n: int, block_c: int) -> tuple:
+    """The num_warps a GPU autotune tries for a (block_n, block_c) row tile. Tiles of up to TILE_ELEMS elements get
+    ~8 fp32 values per thread per live array (2048 -> 8 warps) and 16 warps; the widest rows get what the compile gate
+    (mfkernels.aot, triton 3.6 and 3.8, sm_80 and sm_90) found free of register spills and stack frames in every form
+    and dtype: 4 warps for a 2048-channel row (8 and 16 leave some forms an 8-16 byte stack frame), 16 for a
+    4096-channel row (4 spills, 8 leaves a frame)."""
+    if block_c >= 4096:
+        return (16,)
+    if block_c == 2048:
+        return (4,)
+    base = max(1, min(8, block_n * block_c // 256))
+    return (base, 16) if block_n * block_c >= TILE_ELEMS else (base,)
 
 
 def _prune_warps(configs, named_args, **kwargs):
@@ -74,19 +109,38 @@ def _prune_warps(configs, named_args, **kwargs):
     meta = {**named_args, **kwargs}
     if "BLOCK_N" not in meta or "BLOCK_C" not in meta:
         return configs
-    want = _warps_for(meta["BLOCK_N"] * meta["BLOCK_C"])
-    kept = [c for c in configs if want // 2 <= c.num_warps <= want * 2]
+    kept = [c for c in configs if c.num_warps in warps_for_tile(meta["BLOCK_N"], meta["BLOCK_C"])]
     return kept or configs[:1]
 
 
+def kernel_takes(op: str, reason) -> bool:
+    """Whether an op launches its kernel, given why the kernel would decline these inputs (None: it takes them):
+    declined inputs take the torch path, except under the forced triton backend, which raises the reason."""
+    if reason is None:
+        return True
+    if get_backend() == "triton":
+        raise ValueError(f"{op}: {reason}; use mfkernels.set_backend('auto') or 'torch'")
+    return False
+
+
+def fp64_on_gpu(t) -> bool:
+    """fp64 kernels are for float64 tests in the interpreter: their tiles need twice the registers and shared memory
+    of fp32 ones, and the compile gate found them spilling on sm_80 and sm_90. On a GPU fp64 takes the torch path."""
+    return t.is_cuda and t.dtype == torch.float64
+
+
+FP64_INTERPRETER_ONLY = "fp64 kernels run in the Triton interpreter only (on a GPU their tiles spill)"
+
+
+def configs_for(interpreter_config, gpu_configs):
+    """The autotune list: the GPU configs, or the one config the interpreter accepts."""
+    return [interpreter_config] if INTERPRET else list(gpu_configs)
+
+
 def autotune_warps(key):
-    """num_warps autotuned per key around the tile-size heuristic on a GPU; one config in the interpreter (the only
-    thing it accepts, and num_warps means nothing there)."""
-    if triton is None:
-        return lambda fn: fn
-    if _interpreting():
-        return triton.autotune(configs=[triton.Config({}, num_warps=4)], key=key)
-    configs = [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8, 16)]
+    """num_warps autotuned per key around the tile-size heuristic on a GPU (:func:`warps_for_tile`); one config in
+    the interpreter (num_warps means nothing there)."""
+    configs = configs_for(triton.Config({}, num_warps=4), [triton.Config({}, num_warps=w) for w in WARPS])
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune_warps})
 
 
@@ -132,8 +186,62 @@ def records_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(level.requires_grad for t in tensors for level in _levels(t))
 
 
+def is_traced(*tensors) -> bool:
+    """True when autograd, a torch.func transform, forward-mode AD or a torch.compile trace would see through these
+    tensors: ops then go through their autograd.Functions. Otherwise (inference, sampling, the tangent under no_grad)
+    they may launch a kernel directly and skip what only a backward or a jvp needs."""
+    return (records_graph(*tensors) or torch._C._functorch.maybe_current_level() is not None
+            or torch.compiler.is_compiling() or any(fwAD.unpack_dual(t).tangent is not None for t in tensors))
+
+
 @contextlib.contextmanager
 def kernel_launch():
     """Launch with functorch disabled: the tensors touched inside must be plain (see :func:`plain`)."""
     with torch._C._DisableFuncTorch(), torch.no_grad():
         yield
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# dtypes and scalars
+# ----------------------------------------------------------------------------------------------------------------------
+
+def dot_types(dtype):
+    """(ACC, DOT, PRECISION) constexprs for tl.dot over inputs of this dtype.
+
+    ACC: accumulator and statistics type (fp64 only for fp64 inputs, so float64 tests reach 1e-10).
+    DOT: operand type. On a GPU the input dtype itself (bf16/fp16 tensor cores); the interpreter computes bf16
+    arithmetic wrongly, so there bf16 is widened to fp32 right after each load.
+    PRECISION: TF32 tensor cores for fp32 operands on a GPU (the interpreter computes them exactly; callers send fp32
+    inputs to the kernels only where TF32 is allowed, see :func:`mfkernels.attention._declined`): the "ieee" FMA path
+    and tf32x3 need more registers than the attention kernels have and spill. Ignored for 16-bit operands; fp64 is
+    interpreter-only.
+    """
+    if dtype == torch.float64:
+        return tl.float64, tl.float64, "ieee"
+    if dtype == torch.float32:
+        return tl.float32, tl.float32, "tf32"
+    if dtype == torch.bfloat16:
+        return tl.float32, (tl.float32 if INTERPRET else tl.bfloat16), "tf32"
+    return tl.float32, tl.float16, "tf32"
+
+
+def out_dtype(dtype):
+    """Dtype a kernel stores into for outputs of this dtype. The interpreter truncates fp32 -> bf16 casts where the
+    GPU rounds to nearest even, so there bf16 results are stored in fp32 and rounded by torch (:func:`finish`)."""
+    return torch.float32 if INTERPRET and dtype == torch.bfloat16 else dtype
+
+
+def finish(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def split_scalar(x):
+    """x as hi + lo, two fp32 kernel scalars (triton passes Python floats as fp32); fp64 kernels add both back."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+def last_dim_contiguous(t):
+    """t itself when its last dimension has unit stride (the kernels take the other strides as arguments: (B, N, H, D)
+    views need no copy), else a contiguous copy (expanded gradients have stride 0)."""
+    return t if t.stride(-1) == 1 else t.contiguous()

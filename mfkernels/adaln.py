@@ -23,31 +23,36 @@ Kernels (used when :func:`mfkernels._backend.use_triton` says so; the torch comp
   and mean(xh * dx) stay in registers, y and dy are written once; mean and rstd are saved for the backward.
 - ``_adaln_bwd``: reuses the saved mean/rstd; each program loops over a group of rows and writes one partial of
   d shift and d scale per (sample, group); a torch sum over groups finishes them (deterministic, no atomics).
-Dtypes fp32, fp16, bf16 and fp64 in and out (all inputs one dtype); fp32 accumulation, fp64 for fp64 inputs.
+Dtypes fp32, fp16, bf16 and fp64 (fp64 in the interpreter only; on a GPU it takes the torch path): the primals share
+one dtype, the tangents share the primal's or, on a 16-bit primal, fp32 (mfkernels._dtypes); y has the primal's dtype
+and dy the tangent's. fp32 accumulation, fp64 for fp64 inputs. Without a graph to record (no_grad: sampling, the
+tangent) the ops launch the forward kernel directly and write no mean/rstd.
 Off the Triton path, CPU fp32/fp64 ``adaln_modulate_jvp`` runs the native C kernel (csrc/adaln_cpu.c, the same
-one-pass row math; see :mod:`mfkernels._native`) when it is built and not disabled by ``MFKERNELS_NATIVE=0``; its
+one-pass row math; see :mod:`mfkernels.adaln_native`) when it is built and not disabled by ``MFKERNELS_NATIVE=0``; its
 backward reuses the saved mean/rstd. Under torch.func transforms, forward-mode AD or torch.compile that op takes the
 torch composite instead.
-Limits: C <= 8192 (a whole row lives in registers; wider rows take the torch path unless the triton backend is
-forced, which raises). Non-contiguous inputs are copied to contiguous ones before a launch. The eps reaches a
-compiled kernel as an fp32 scalar.
+Limits: C <= 4096 (a whole row lives in registers, spill-free on sm_80/sm_90 up to there; wider rows take the torch
+path unless the triton backend is forced, which raises). Non-contiguous inputs are copied to contiguous ones before a
+launch. The eps reaches a compiled kernel as an fp32 scalar.
 The gated residual of the DiT block lives in :mod:`mfkernels.gated` and is re-exported here.
 """
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from mfkernels import _native
-from mfkernels._backend import get_backend, use_triton
+from mfkernels._backend import use_triton
 from mfkernels._dtypes import check_dtypes, no_autocast
 from mfkernels._launch import (
+    FP64_INTERPRETER_ONLY,
     MAX_BLOCK_C,
     acc_dtype,
     autotune_warps,
     cast_out,
+    fp64_on_gpu,
+    is_traced,
     jit,
     kernel_launch,
+    kernel_takes,
     next_power_of_2,
     num_groups,
     plain,
@@ -55,6 +60,7 @@ from mfkernels._launch import (
     row_tile,
     tl,
 )
+from mfkernels.adaln_native import adaln_modulate_jvp_native, use_native
 from mfkernels.gated import (  # noqa: F401  (re-exported: the public ops live beside adaLN)
     gated_residual,
     gated_residual_jvp,
@@ -228,10 +234,16 @@ def _block_c(C):
     return block_c
 
 
+def _declined(x):
+    if fp64_on_gpu(x):
+        return FP64_INTERPRETER_ONLY
+    if x.shape[-1] > MAX_BLOCK_C:
+        return f"the Triton kernels take C <= {MAX_BLOCK_C} (a whole row in registers), got C={x.shape[-1]}"
+    return None
+
+
 def _use_kernels(x, *tensors):
-    # Rows wider than the kernels take fall back to torch, except when the triton backend is forced: the launcher
-    # then raises rather than silently measuring torch.
-    return use_triton(x, *tensors) and (x.shape[-1] <= MAX_BLOCK_C or get_backend() == "triton")
+    return use_triton(x, *tensors) and kernel_takes("adaln_modulate", _declined(x))
 
 
 def _adaln_forward(x, shift, scale, eps, tangents=None, write_y=True, save_stats=False):
@@ -244,7 +256,7 @@ def _adaln_forward(x, shift, scale, eps, tangents=None, write_y=True, save_stats
         x, shift, scale = (plain(t).contiguous() for t in (x, shift, scale))
         dx, dshift, dscale = (plain(t).contiguous() for t in tangents) if tangents is not None else (x, x, x)
         y = torch.empty_like(x) if write_y else None  # (B, N, C)
-        dy = torch.empty_like(x) if tangents is not None else None  # (B, N, C)
+        dy = torch.empty_like(dx) if tangents is not None else None  # (B, N, C), in the tangents' dtype
         mean = torch.empty(B * N, dtype=acc, device=x.device) if save_stats else None  # (B * N,)
         rstd = torch.empty(B * N, dtype=acc, device=x.device) if save_stats else None  # (B * N,)
         grid = (-(-N // block_n), B)
@@ -352,77 +364,6 @@ class _AdaLNModulateJvp(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# native CPU kernel (csrc/adaln_cpu.c through mfkernels._native): the dual forward off the Triton path
-# ----------------------------------------------------------------------------------------------------------------------
-
-def _adaln_backward_saved(g, x, scale, mean, rstd):
-    """(dx, dshift, dscale) from the upstream g and the forward's mean/rstd (B, N): aten's LayerNorm backward on
-    gxh = g (1 + scale), as autograd does for adaln_modulate_jvp_torch, without recomputing the statistics. Not
-    differentiable (in-place on its own temporaries: fresh (B, N, C) buffers cost page faults on the CPU)."""
-    C = x.shape[-1]
-    mean, rstd = mean[..., None], rstd[..., None]  # (B, N, 1)
-    gxh = g * (1 + scale[:, None, :])  # (B, N, C)
-    gx = torch.ops.aten.native_layer_norm_backward(gxh, x, [C], mean, rstd, None, None, [True, False, False])[0]
-    # xh recomputed rather than saved (the dual engine keeps ~1x a forward's memory), into gxh's buffer
-    g_xh = torch.sub(x, mean, out=gxh).mul_(rstd).mul_(g)  # (B, N, C)
-    return gx, g.sum(1), g_xh.sum(1)
-
-
-class _AdaLNModulateJvpNative(torch.autograd.Function):
-    """(x, shift, scale, dx, dshift, dscale, eps) -> (y, dy, mean, rstd) by the native kernel; only y is
-    differentiable. No jvp: under torch.func or forward-mode AD the public op takes the torch composite."""
-
-    @staticmethod
-    def forward(x, shift, scale, dx, dshift, dscale, eps):
-        # (B, C) chunks of the DiT block's (B, 6C) modulation are strided: copy them (cheap) rather than refuse
-        return _native.adaln_forward_cpu(*(t.contiguous() for t in (x, shift, scale, dx, dshift, dscale)), eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, _, scale, _, _, _, eps = inputs
-        _, dy, mean, rstd = output
-        ctx.mark_non_differentiable(dy, mean, rstd)
-        ctx.set_materialize_grads(False)  # dy, mean and rstd get no gradient: spare a (B, N, C) zeros per backward
-        ctx.save_for_backward(x, scale, mean, rstd)
-        ctx.eps = eps
-
-    @staticmethod
-    def backward(ctx, gy, _gdy, _gmean, _grstd):
-        x, scale, mean, rstd = ctx.saved_tensors
-        if gy is None:
-            return None, None, None, None, None, None, None
-        if records_graph(gy, x, scale):  # double backward: stay differentiable
-            grads = _adaln_backward_torch(gy, x, scale, ctx.eps)
-        else:
-            grads = _adaln_backward_saved(gy, x, scale, mean, rstd)
-        return *grads, None, None, None, None
-
-
-def _use_native(*tensors):
-    """True when the native kernel can run the dual op on these tensors and nothing would trace through it: the
-    library is built and enabled, the tensors are plain CPU fp32/fp64 of one dtype (the C kernel takes no fp32
-    tangent on a 16-bit primal), and no torch.func transform, forward-mode AD level or torch.compile trace is active
-    (the Function defines no jvp, and C cannot read wrapped or fake tensors)."""
-    x = tensors[0]
-    return (
-        x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        and all(t.dtype == x.dtype for t in tensors)
-        and _native.native_available()
-        and torch._C._functorch.maybe_current_level() is None
-        and not torch.compiler.is_compiling()
-        and all(type(t) in (torch.Tensor, torch.nn.Parameter) and fwAD.unpack_dual(t).tangent is None
-                for t in tensors)
-    )
-
-
-def adaln_modulate_jvp_native(x, shift, scale, dx, dshift, dscale, eps=DEFAULT_EPS):
-    """(y, dy) by the native CPU kernel: one pass per row; y differentiable (backward from the saved mean/rstd), dy
-    detached. CPU fp32/fp64 only; raises RuntimeError when the library is not built."""
-    y, dy, _, _ = _AdaLNModulateJvpNative.apply(x, shift, scale, dx, dshift, dscale, eps)
-    return y, dy
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # public ops
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -430,6 +371,8 @@ def adaln_modulate(x, shift, scale, eps=DEFAULT_EPS):
     """y = LayerNorm(x) * (1 + scale) + shift; x (B, N, C), shift/scale (B, C)."""
     _check(x, shift, scale)
     if _use_kernels(x, shift, scale):
+        if not is_traced(x, shift, scale):  # no backward will run: skip the Function and the saved mean/rstd
+            return _adaln_forward(x, shift, scale, eps)[0]
         return _AdaLNModulate.apply(x, shift, scale, eps)[0]
     return adaln_modulate_reference(x, shift, scale, eps)
 
@@ -438,8 +381,10 @@ def adaln_modulate_jvp(x, shift, scale, dx, dshift, dscale, eps=DEFAULT_EPS):
     """(y, dy): y differentiable with respect to x, shift, scale; dy detached."""
     _check(x, shift, scale, {"dx": dx, "dshift": dshift, "dscale": dscale})
     if _use_kernels(x, shift, scale, dx, dshift, dscale):
+        if not is_traced(x, shift, scale, dx, dshift, dscale):
+            return _adaln_forward(x, shift, scale, eps, (dx, dshift, dscale))[:2]
         y, dy, _, _ = _AdaLNModulateJvp.apply(x, shift, scale, dx, dshift, dscale, eps)
         return y, dy
-    if _use_native(x, shift, scale, dx, dshift, dscale):
+    if use_native(x, shift, scale, dx, dshift, dscale):
         return adaln_modulate_jvp_native(x, shift, scale, dx, dshift, dscale, eps)
     return adaln_modulate_jvp_torch(x, shift, scale, dx, dshift, dscale, eps)

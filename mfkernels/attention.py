@@ -24,10 +24,18 @@ sum_j P_j |dS_j| |v_j|, where torch's two-pass form (softmax backward first) can
 product with v. The two agree to the dtype's rounding when dS is of order one; with |dS| >> 1 in a saturated row the
 one-pass result is less accurate by about that factor.
 
-Kernel limits: D a multiple of 8 from 16 to 128 (DiT's 72 included; D is padded to the next power of two with
-masks), any Nq and Nkv >= 1 (masked tails), a positive scale, fp16 / bf16 / fp32 / fp64 (fp64 is for tests;
-accumulation is fp64 there and fp32 otherwise), any strides with unit stride over D (others are copied). Outputs are
-contiguous, in the input dtype.
+Head dim: D is covered by a power-of-two tile and, where that saves work, a second tile over the rest (see
+:func:`head_dim_tiles`): DiT-XL/2's 72 = 64 + 16 with 8 masked lanes (11% of the work) instead of one 128 tile (44%).
+
+Dtypes: fp16 / bf16 / fp32 / fp64 primals; the tangent has the primal's dtype or, on a 16-bit primal, fp32 (how the
+dual engine keeps MeanFlow's target accurate under bf16): its dots then take fp32 operands in TF32. Accumulation is
+fp32 (fp64 for fp64). On a GPU fp32 dots are TF32, so fp32 inputs run the kernels only where torch allows TF32
+(torch.backends.cuda.matmul.allow_tf32) and take torch's exact path otherwise; fp64 runs in the interpreter only (its
+tiles exceed a GPU's shared memory); and the tangent kernel covers D <= 80 (no wider tangent tile stays out of
+register spills). The "auto" backend sends those cases to torch; the forced "triton" backend raises saying which.
+
+Kernel limits: D a multiple of 8 from 16 to 128, any Nq and Nkv >= 1 (masked tails), a positive scale, any strides
+with unit stride over D (others are copied). Outputs are contiguous, o in the primal dtype and dO in the tangent's.
 
 torch.func.jvp over ``attention`` runs the Function's ``jvp``, which launches the same one-pass kernel from the inputs
 rather than a tangent-only pass over the saved statistics: one kernel and one test surface for both public ops, and
@@ -44,22 +52,26 @@ import torch.nn.functional as F
 
 from mfkernels._backend import use_triton
 from mfkernels._dtypes import check_dtypes, no_autocast
-from mfkernels._launch import kernel_launch as _kernel_launch
-from mfkernels._launch import plain as _plain
-from mfkernels._launch import records_graph as _records_graph
-from mfkernels.attention_backward import (
+from mfkernels._launch import (
+    FP64_INTERPRETER_ONLY,
     LOG2E,
-    SUPPORTED_DTYPES,
-    _configs,
-    _finish,
-    _kernel_types,
-    _last_dim_contiguous,
-    _out_dtype,
-    _split,
-    attention_backward,
+    configs_for,
+    dot_types,
+    finish,
+    fp64_on_gpu,
+    kernel_launch,
+    kernel_takes,
+    last_dim_contiguous,
+    out_dtype,
+    plain,
+    records_graph,
+    split_scalar,
     tl,
     triton,
 )
+from mfkernels.attention_backward import attention_backward
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # torch reference: the oracle for tests and benchmarks, and the CPU path
@@ -145,6 +157,26 @@ def _check_kernel(q, k):
         raise ValueError("attention: k and v have no keys (Nkv = 0), so softmax over keys is undefined")
 
 
+def _declined(q, tangent):
+    """Why the kernels leave these inputs to the torch path on a GPU, or None when they take them: fp64 (interpreter
+    only), fp32 without TF32 (the kernels' fp32 dots are TF32, so strict fp32 runs torch's exact attention), and a
+    tangent wider than the tangent kernel's spill-free tiles."""
+    if not q.is_cuda:
+        return None
+    if fp64_on_gpu(q):
+        return FP64_INTERPRETER_ONLY
+    if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return ("fp32 runs the kernels only with TF32 allowed (torch.backends.cuda.matmul.allow_tf32 = True, the "
+                "trainer's --train.tf32); strict fp32 takes the torch path")
+    if not fwd_configs(tangent, sum(head_dim_tiles(q.shape[-1]))):
+        return f"the tangent kernel has no spill-free tile for head dim {q.shape[-1]} on a GPU (it covers D <= 80)"
+    return None
+
+
+def _use_kernels(q, *tensors, tangent):
+    return use_triton(q, *tensors) and kernel_takes("attention", _declined(q, tangent))
+
+
 def _resolve_scale(q, scale):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # Positive, because the kernels take the running max of unscaled scores.
@@ -157,20 +189,60 @@ def _resolve_scale(q, scale):
 # kernel
 # ----------------------------------------------------------------------------------------------------------------------
 
+def head_dim_tiles(D):
+    """(BLOCK_D, BLOCK_E): the kernels cover the head dim D with a power-of-two tile of BLOCK_D and, when that wastes
+    less than one padded power-of-two tile would, a second tile over the rest, padded to BLOCK_E (a power of two, at
+    least tl.dot's 16). DiT-XL/2's D = 72 is 64 + 16 (8 padded lanes, 11% of the work) where one tile of 128 would
+    pad 56 (44%). BLOCK_E = 0 means one tile."""
+    padded = max(16, triton.next_power_of_2(D))
+    block_d = max(16, 1 << (D.bit_length() - 1))  # the largest power of two <= D
+    block_e = max(16, triton.next_power_of_2(D - block_d)) if D > block_d else 0
+    return (block_d, block_e) if 0 < block_e and block_d + block_e < padded else (padded, 0)
+
+
+def _cfg(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# GPU autotune lists by kind and by the padded head-dim width BLOCK_D + BLOCK_E (<= 32, 64, 80, 128). Every entry is
+# compiled for sm_80 and sm_90 in every dtype by the compile gate (mfkernels.aot, tests/mfkernels/test_compile_gate.py)
+# and keeps all in registers; docs/kernels-sm90.md has the table. The tangent kernel carries twice the accumulators and
+# four score tiles (S, P, dS, P dS), so past 32 channels it streams keys 16 at a time. Past 80 channels no tangent tile
+# tried stays out of spills (D = 128: every BLOCK_M in 16..128, BLOCK_N in 16..64, 2..16 warps), so there the tangent
+# takes the torch path on a GPU (DiT's head dims are 64 and 72).
+FWD_INTERPRETER_CONFIG = _cfg(32, 16, 4, 1)
+FWD_CONFIGS = {
+    ("primal", 32): [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)],
+    ("primal", 64): [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 32, 8, 3)],
+    ("primal", 80): [_cfg(64, 64, 4, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 8, 3)],
+    ("primal", 128): [_cfg(128, 32, 8, 3), _cfg(128, 32, 8, 2), _cfg(64, 64, 8, 2)],
+    ("tangent", 32): [_cfg(64, 32, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 8, 2)],
+    ("tangent", 64): [_cfg(128, 16, 8, 2), _cfg(64, 16, 8, 2)],
+    ("tangent", 80): [_cfg(128, 16, 8, 2)],
+    ("tangent", 128): [],
+}
+
+
+def fwd_configs(tangent, width):
+    """The GPU configs the forward kernel may pick for a primal-only or a tangent launch whose head-dim tiles span
+    width = BLOCK_D + BLOCK_E channels (empty: the kernel declines, see :func:`_declined`)."""
+    bucket = next(w for w in (32, 64, 80, 128) if width <= w)
+    return FWD_CONFIGS["tangent" if tangent else "primal", bucket]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    meta = {**named_args, **kwargs}
+    if "TANGENT" not in meta:  # triton passes the constexprs as kwargs in 3.6-3.9; keep all rather than guess
+        return configs
+    keep = {str(c) for c in fwd_configs(meta["TANGENT"], meta["BLOCK_D"] + meta["BLOCK_E"])}
+    return [c for c in configs if str(c) in keep] or configs[:1]
+
+
 @triton.autotune(
-    configs=_configs(
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
-        [
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
-        ],
-    ),
+    configs=configs_for(FWD_INTERPRETER_CONFIG, list({str(c): c for cs in FWD_CONFIGS.values() for c in cs}.values())),
     # TANGENT in the key: the tangent kernel holds twice the tiles, so its best tile differs from the primal one's.
     key=["N_Q", "N_KV", "HEAD_DIM", "TANGENT"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
 )
 @triton.jit
 def _attn_fwd(
@@ -179,10 +251,12 @@ def _attn_fwd(
     sdq_b, sdq_h, sdq_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
     H, N_Q, N_KV,
     SCALE_HI, SCALE_LO, QK_SCALE_HI, QK_SCALE_LO,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TANGENT: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, TANGENT: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, TDOT: tl.constexpr, TPRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # D is covered by columns [0, BLOCK_D) and, when BLOCK_E > 0, [BLOCK_D, BLOCK_D + BLOCK_E) (see head_dim_tiles):
+    # every (., D) tile below comes as a pair (x, x2), every product over D as a sum of two dots.
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)  # (H, B) on grid axes 1 and 2: B * H may exceed one axis' 65535 limit
     b = tl.program_id(2).to(tl.int64)
@@ -191,94 +265,135 @@ def _attn_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_Q
-    mask_d = offs_d < HEAD_DIM
-    q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=q_mask, other=0.0).to(DOT)
+    q_mask = mask_m[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q_rows = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n
+    q = tl.load(q_rows + offs_d[None, :], mask=q_mask, other=0.0).to(DOT)
+    k_rows = K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n
+    v_rows = V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n
     qk_scale = tl.cast(QK_SCALE_HI, ACC) + tl.cast(QK_SCALE_LO, ACC)
-    k_ptrs = K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :]
-    v_ptrs = V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :]
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
-    o_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     r_i = tl.zeros([BLOCK_M], dtype=ACC)
+    o_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     t_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    if BLOCK_E > 0:
+        offs_e = BLOCK_D + tl.arange(0, BLOCK_E)
+        q2_mask = mask_m[:, None] & (offs_e < HEAD_DIM)[None, :]
+        q2 = tl.load(q_rows + offs_e[None, :], mask=q2_mask, other=0.0).to(DOT)
+        o_acc2 = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
+        t_acc2 = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
     if TANGENT:
-        dq_ptrs = DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :]
-        dq = tl.load(dq_ptrs, mask=q_mask, other=0.0).to(DOT)
         scale = tl.cast(SCALE_HI, ACC) + tl.cast(SCALE_LO, ACC)
-        dk_ptrs = DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :]
-        dv_ptrs = DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :]
+        dq_rows = DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n
+        dk_rows = DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_n
+        dv_rows = DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_n
+        dq = tl.load(dq_rows + offs_d[None, :], mask=q_mask, other=0.0).to(TDOT)
+        q_t = q.to(TDOT)  # q as a tangent-dot operand (a no-op unless the tangent is wider than the primal)
+        if BLOCK_E > 0:
+            dq2 = tl.load(dq_rows + offs_e[None, :], mask=q2_mask, other=0.0).to(TDOT)
+            q2_t = q2.to(TDOT)
 
     for start_n in range(0, N_KV, BLOCK_N):
         mask_n = (start_n + offs_n) < N_KV
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_ptrs + start_n * sk_n, mask=kv_mask, other=0.0).to(DOT)
-        v = tl.load(v_ptrs + start_n * sv_n, mask=kv_mask, other=0.0).to(DOT)
+        kv_mask = mask_n[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_rows + start_n * sk_n + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)  # (BLOCK_M, BLOCK_N) raw scores
+        if BLOCK_E > 0:
+            kv2_mask = mask_n[:, None] & (offs_e < HEAD_DIM)[None, :]
+            k2 = tl.load(k_rows + start_n * sk_n + offs_e[None, :], mask=kv2_mask, other=0.0).to(DOT)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION, out_dtype=ACC)
         # Every block holds at least one real key, so m_new is finite and padded keys get exactly P~ = 0.
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2((m_i - m_new) * qk_scale)  # 0 on the first block (m_i = -inf)
         p = tl.exp2((s - m_new[:, None]) * qk_scale)
         l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_rows + start_n * sv_n + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT)
         o_acc = tl.dot(p.to(DOT), v, o_acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+        if BLOCK_E > 0:
+            v2 = tl.load(v_rows + start_n * sv_n + offs_e[None, :], mask=kv2_mask, other=0.0).to(DOT)
+            o_acc2 = tl.dot(p.to(DOT), v2, o_acc2 * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
         if TANGENT:
-            dk = tl.load(dk_ptrs + start_n * sdk_n, mask=kv_mask, other=0.0).to(DOT)
-            dv = tl.load(dv_ptrs + start_n * sdv_n, mask=kv_mask, other=0.0).to(DOT)
-            ds = tl.dot(dq, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
-            ds = tl.dot(q, tl.trans(dk), ds, input_precision=PRECISION, out_dtype=ACC) * scale
+            dk = tl.load(dk_rows + start_n * sdk_n + offs_d[None, :], mask=kv_mask, other=0.0).to(TDOT)
+            ds = tl.dot(dq, tl.trans(k.to(TDOT)), input_precision=TPRECISION, out_dtype=ACC)
+            ds = tl.dot(q_t, tl.trans(dk), ds, input_precision=TPRECISION, out_dtype=ACC)
+            if BLOCK_E > 0:
+                dk2 = tl.load(dk_rows + start_n * sdk_n + offs_e[None, :], mask=kv2_mask, other=0.0).to(TDOT)
+                ds = tl.dot(dq2, tl.trans(k2.to(TDOT)), ds, input_precision=TPRECISION, out_dtype=ACC)
+                ds = tl.dot(q2_t, tl.trans(dk2), ds, input_precision=TPRECISION, out_dtype=ACC)
             # r sums the same (rounded, for 16-bit dots) P~ dS that multiplies v, so T~ - r O cancels consistently:
             # in a row dominated by key j the result is ~ pds_j (v_j - O), not a difference of two rounded large terms.
-            pds = (p * ds).to(DOT)
+            pds = (p * (ds * scale)).to(TDOT)
             r_i = r_i * alpha + tl.sum(pds.to(ACC), 1)
-            t_acc = tl.dot(p.to(DOT), dv, t_acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
-            t_acc = tl.dot(pds, v, t_acc, input_precision=PRECISION, out_dtype=ACC)
+            dv = tl.load(dv_rows + start_n * sdv_n + offs_d[None, :], mask=kv_mask, other=0.0).to(TDOT)
+            t_acc = tl.dot(p.to(TDOT), dv, t_acc * alpha[:, None], input_precision=TPRECISION, out_dtype=ACC)
+            t_acc = tl.dot(pds, v.to(TDOT), t_acc, input_precision=TPRECISION, out_dtype=ACC)
+            if BLOCK_E > 0:
+                dv2 = tl.load(dv_rows + start_n * sdv_n + offs_e[None, :], mask=kv2_mask, other=0.0).to(TDOT)
+                t_acc2 = tl.dot(p.to(TDOT), dv2, t_acc2 * alpha[:, None], input_precision=TPRECISION,
+                                out_dtype=ACC)
+                t_acc2 = tl.dot(pds, v2.to(TDOT), t_acc2, input_precision=TPRECISION, out_dtype=ACC)
         m_i = m_new
 
     inv_l = 1.0 / l_i  # l >= 1: the row's maximum contributes exp2(0)
-    o = o_acc * inv_l[:, None]
-    out = bh * N_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(O + out, o.to(O.dtype.element_ty), mask=q_mask)
     tl.store(M + bh * N_Q + offs_m, m_i, mask=mask_m)
     tl.store(L2 + bh * N_Q + offs_m, tl.log2(l_i), mask=mask_m)
+    out_rows = bh * N_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM  # O and DO are contiguous (B, H, N_Q, D)
+    o = o_acc * inv_l[:, None]
+    tl.store(O + out_rows + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_mask)
     if TANGENT:
         do = (t_acc - r_i[:, None] * o) * inv_l[:, None]
-        tl.store(DO + out, do.to(DO.dtype.element_ty), mask=q_mask)
+        tl.store(DO + out_rows + offs_d[None, :], do.to(DO.dtype.element_ty), mask=q_mask)
+    if BLOCK_E > 0:
+        o2 = o_acc2 * inv_l[:, None]
+        tl.store(O + out_rows + offs_e[None, :], o2.to(O.dtype.element_ty), mask=q2_mask)
+        if TANGENT:
+            do2 = (t_acc2 - r_i[:, None] * o2) * inv_l[:, None]
+            tl.store(DO + out_rows + offs_e[None, :], do2.to(DO.dtype.element_ty), mask=q2_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------------------------------------------------
 
+def tangent_dot_types(dtype, tangent_dtype):
+    """(TDOT, TPRECISION) for the tangent's dots: the primal's own types, or fp32 operands in TF32 when an fp32
+    tangent rides on a 16-bit primal (TF32's 10-bit mantissa against bf16's 7: the tangent's products round about 8x
+    finer than the primal's, at tensor-core speed)."""
+    if tangent_dtype == dtype:
+        return dot_types(dtype)[1:]
+    return tl.float32, "tf32"
+
+
 def _attention_forward(q, k, v, dq, dk, dv, scale):
-    """(o, do or None, stats) from the kernel; tangents None for the primal-only kernel. stats (2, B, H, Nq), fp32
-    (fp64 for fp64 inputs): the row max m of q k^T and log2 of the row sum (see mfkernels.attention_backward).
-    Callers have run :func:`_check`."""
+    """(o, do or None, stats) from the kernel; tangents None for the primal-only kernel. o has q's dtype, do the
+    tangents' (fp32 tangents may ride on 16-bit primals). stats (2, B, H, Nq), fp32 (fp64 for fp64 inputs): the row
+    max m of q k^T and log2 of the row sum (see mfkernels.attention_backward). Callers have run :func:`_check`."""
     _check_kernel(q, k)
     tangent = dq is not None
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    dq, dk, dv = (_last_dim_contiguous(t) for t in (dq, dk, dv)) if tangent else (q, k, v)
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    dq, dk, dv = (last_dim_contiguous(t) for t in (dq, dk, dv)) if tangent else (q, k, v)
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
-    acc, dot, precision = _kernel_types(q.dtype)
-    out_dtype = _out_dtype(q.dtype)
-    o = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    do = torch.empty(q.shape, dtype=out_dtype, device=q.device) if tangent else None
+    acc, dot, precision = dot_types(q.dtype)
+    tdot, tprecision = tangent_dot_types(q.dtype, dq.dtype)
+    o = torch.empty(q.shape, dtype=out_dtype(q.dtype), device=q.device)
+    do = torch.empty(q.shape, dtype=out_dtype(dq.dtype), device=q.device) if tangent else None
     stats = torch.empty((2, B, H, N_Q), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                         device=q.device)
     if o.numel() == 0:
-        return _finish(o, q.dtype), _finish(do, q.dtype), stats
-    scale_hi, scale_lo = _split(scale)
-    qk_hi, qk_lo = _split(scale * LOG2E)  # log2(e) folded into the scale: the kernel exponentiates with exp2
+        return finish(o, q.dtype), finish(do, dq.dtype), stats
+    scale_hi, scale_lo = split_scalar(scale)
+    qk_hi, qk_lo = split_scalar(scale * LOG2E)  # log2(e) folded into the scale: the kernel exponentiates with exp2
+    block_d, block_e = head_dim_tiles(D)
     _attn_fwd[lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)](
         q, k, v, dq, dk, dv, o, do if tangent else o, stats[0], stats[1],
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, N_Q, N_KV, scale_hi, scale_lo, qk_hi, qk_lo,
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), TANGENT=tangent,
-        ACC=acc, DOT=dot, PRECISION=precision,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_E=block_e, TANGENT=tangent,
+        ACC=acc, DOT=dot, PRECISION=precision, TDOT=tdot, TPRECISION=tprecision,
     )
-    return _finish(o, q.dtype), _finish(do, q.dtype), stats
+    return finish(o, q.dtype), finish(do, dq.dtype), stats
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -286,10 +401,10 @@ def _attention_forward(q, k, v, dq, dk, dv, scale):
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _backward(q, k, v, o, stats, grad_o, scale):
-    if _records_graph(q, k, v, grad_o):
+    if records_graph(q, k, v, grad_o):
         return attention_backward_torch(q, k, v, grad_o, scale)
-    with _kernel_launch():
-        return attention_backward(*(_plain(t) for t in (q, k, v, o, stats, grad_o)), scale)
+    with kernel_launch():
+        return attention_backward(*(plain(t) for t in (q, k, v, o, stats, grad_o)), scale)
 
 
 class _AttentionFn(torch.autograd.Function):
@@ -318,10 +433,11 @@ class _AttentionFn(torch.autograd.Function):
     def jvp(ctx, dq, dk, dv, _dscale):
         q, k, v = ctx.saved_tensors
         dq, dk, dv = (torch.zeros_like(p) if t is None else t for p, t in ((q, dq), (k, dk), (v, dv)))
-        if _records_graph(q, k, v, dq, dk, dv):
+        # a graph through the tangent needs torch's history; a head dim the GPU tangent kernel declines needs torch
+        if records_graph(q, k, v, dq, dk, dv) or _declined(plain(q), tangent=True):
             return attention_tangent_torch(q, k, v, dq, dk, dv, ctx.scale), None
-        with _kernel_launch():
-            _, do, _ = _attention_forward(*(_plain(t) for t in (q, k, v, dq, dk, dv)), ctx.scale)
+        with kernel_launch():
+            _, do, _ = _attention_forward(*(plain(t) for t in (q, k, v, dq, dk, dv)), ctx.scale)
         return do, None
 
 
@@ -356,7 +472,7 @@ class _AttentionJVPFn(torch.autograd.Function):
 def attention(q, k, v, scale=None):
     """softmax(q k^T * scale) v over (B, H, N, D) tensors."""
     _check(q, k, v)
-    if use_triton(q, k, v):
+    if _use_kernels(q, k, v, tangent=False):
         return _AttentionFn.apply(q, k, v, _resolve_scale(q, scale))[0]
     return attention_reference(q, k, v, scale)
 
@@ -364,7 +480,7 @@ def attention(q, k, v, scale=None):
 def attention_jvp(q, k, v, dq, dk, dv, scale=None):
     """(o, do): o differentiable with respect to q, k, v; do detached."""
     _check(q, k, v, {"dq": dq, "dk": dk, "dv": dv})
-    if use_triton(q, k, v, dq, dk, dv):
+    if _use_kernels(q, k, v, dq, dk, dv, tangent=True):
         o, do, _ = _AttentionJVPFn.apply(q, k, v, dq, dk, dv, _resolve_scale(q, scale))
         return o, do
     return attention_jvp_torch(q, k, v, dq, dk, dv, scale)
@@ -374,7 +490,7 @@ def _attention_jvp_lse(q, k, v, dq, dk, dv, scale=None):
     """(o, do, lse) with lse = logsumexp(q k^T scale) over keys (natural log): the kernel's statistics, for tests."""
     _check(q, k, v, {"dq": dq, "dk": dk, "dv": dv})
     s = _resolve_scale(q, scale)
-    if use_triton(q, k, v, dq, dk, dv):
+    if _use_kernels(q, k, v, dq, dk, dv, tangent=True):
         with torch.no_grad():
             o, do, stats = _attention_forward(q, k, v, dq, dk, dv, s)
         return o, do, stats[0] * s + stats[1] * math.log(2.0)

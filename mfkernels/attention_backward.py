@@ -13,92 +13,60 @@ carry an absolute error of ~1e-3 into every exponent. Then
 Two kernels, so that nothing needs atomics: one program per (key block, b, h) sweeps all query blocks and owns dK and
 dV of its keys; one program per (query block, b, h) sweeps all key blocks and owns dQ of its queries. Accumulation is
 fp32 (fp64 for fp64 inputs), outputs take the input dtype, and neither inputs nor grad_o are written.
-
-This module also holds the launch helpers the forward in :mod:`mfkernels.attention` shares (dtype plan, scale split,
-the stand-in for a missing triton), so that the two files import in one direction only.
 """
-
-import math
-import struct
 
 import torch
 
-from mfkernels._backend import _interpreting
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the torch path still works; use_triton() is False without triton, so no kernel launches
-
-    class _TritonMissing:
-        """Stands in for triton and triton.language so the kernel definitions below still execute."""
-
-        constexpr = None
-
-        @staticmethod
-        def jit(fn):
-            return fn
-
-        @staticmethod
-        def autotune(configs, key):
-            return lambda fn: fn
-
-        @staticmethod
-        def Config(*args, **kwargs):
-            return None
-
-    triton = tl = _TritonMissing()
-
-LOG2E = 1.0 / math.log(2.0)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-INTERPRET = _interpreting()  # fixed at import, like triton itself: the interpreter needs exactly one autotune config
+from mfkernels._launch import (
+    LOG2E,
+    configs_for,
+    dot_types,
+    finish,
+    last_dim_contiguous,
+    out_dtype,
+    split_scalar,
+    tl,
+    triton,
+)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# launch helpers shared with the forward
-# ----------------------------------------------------------------------------------------------------------------------
-
-def _kernel_types(dtype):
-    """(ACC, DOT, PRECISION) constexprs for inputs of this dtype.
-
-    ACC: accumulator and softmax-statistics type (fp64 only for fp64 inputs, so float64 tests reach 1e-10).
-    DOT: operand type of tl.dot. On GPU the input dtype itself (bf16/fp16 tensor cores); the interpreter computes bf16
-    arithmetic wrongly, so there bf16 is widened to fp32 right after each load.
-    PRECISION: fp32 operands follow torch's own tf32 switch, so fp32 attention is as exact as torch's fp32 matmul.
-    """
-    if dtype == torch.float64:
-        return tl.float64, tl.float64, "ieee"
-    if dtype == torch.float32:
-        return tl.float32, tl.float32, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    if dtype == torch.bfloat16:
-        return tl.float32, (tl.float32 if INTERPRET else tl.bfloat16), "tf32"
-    return tl.float32, tl.float16, "tf32"
+def _cfg(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-def _out_dtype(dtype):
-    """Dtype the kernels store into. The interpreter truncates fp32 -> bf16 casts where the GPU rounds to nearest
-    even, so there bf16 results are stored in fp32 and rounded by torch (:func:`_finish`)."""
-    return torch.float32 if INTERPRET and dtype == torch.bfloat16 else dtype
+# GPU autotune lists by the padded head dim BLOCK_D (<= 64, or up to 128: D = 72 pads to 128 here). Every entry is
+# compiled for sm_80 and sm_90 in bf16, fp16 and fp32 by the compile gate (mfkernels.aot) and keeps all in registers.
+# dK/dV programs hold two (BLOCK_N, D) accumulators plus k and v, so wide heads get 16 or 32 queries per step.
+DKDV_INTERPRETER_CONFIG = _cfg(16, 32, 4, 1)
+DKDV_CONFIGS = {
+    64: [_cfg(16, 32, 4, 2), _cfg(16, 64, 4, 2), _cfg(32, 64, 8, 1), _cfg(32, 128, 8, 1)],
+    128: [_cfg(16, 32, 4, 1), _cfg(16, 32, 4, 2), _cfg(32, 32, 4, 1), _cfg(32, 32, 4, 2)],
+}
+DQ_INTERPRETER_CONFIG = _cfg(32, 16, 4, 1)
+DQ_CONFIGS = {
+    64: [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2), _cfg(128, 16, 8, 2), _cfg(128, 32, 8, 2)],
+    128: [_cfg(32, 32, 4, 2), _cfg(64, 16, 4, 2), _cfg(64, 32, 8, 2), _cfg(32, 16, 4, 2)],
+}
+PREPROCESS_BLOCK_M = 32  # 64 rows of a 72-wide (128 padded) fp16 tile get a stack frame from ptxas
 
 
-def _finish(t, dtype):
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+def bwd_configs(table, block_d):
+    """The GPU configs of a backward kernel (table: DKDV_CONFIGS or DQ_CONFIGS) for a padded head dim."""
+    return table[64 if block_d <= 64 else 128]
 
 
-def _split(x):
-    """x as hi + lo, two fp32 kernel scalars (triton passes Python floats as fp32); fp64 kernels add both back."""
-    hi = struct.unpack("f", struct.pack("f", x))[0]
-    return hi, x - hi
+def _pruner(table):
+    def prune(configs, named_args, **kwargs):
+        meta = {**named_args, **kwargs}
+        if "BLOCK_D" not in meta:  # triton passes the constexprs as kwargs in 3.6-3.9; keep all rather than guess
+            return configs
+        keep = {str(c) for c in bwd_configs(table, meta["BLOCK_D"])}
+        return [c for c in configs if str(c) in keep] or configs[:1]
+    return prune
 
 
-def _last_dim_contiguous(t):
-    # The kernels take (b, h, n) strides and assume unit stride over D: (B, N, H, D) views need no copy, expanded
-    # gradients (stride 0) are materialised.
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _configs(interpret_config, gpu_configs):
-    return [interpret_config] if INTERPRET else gpu_configs
+def _all(table):
+    return list({str(c): c for cs in table.values() for c in cs}.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -126,16 +94,9 @@ def _attn_bwd_preprocess(
 
 
 @triton.autotune(
-    configs=_configs(
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
-        [
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        ],
-    ),
+    configs=configs_for(DKDV_INTERPRETER_CONFIG, _all(DKDV_CONFIGS)),
     key=["N_Q", "N_KV", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": _pruner(DKDV_CONFIGS)},
 )
 @triton.jit
 def _attn_bwd_dkdv(
@@ -191,16 +152,9 @@ def _attn_bwd_dkdv(
 
 
 @triton.autotune(
-    configs=_configs(
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
-        [
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        ],
-    ),
+    configs=configs_for(DQ_INTERPRETER_CONFIG, _all(DQ_CONFIGS)),
     key=["N_Q", "N_KV", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": _pruner(DQ_CONFIGS)},
 )
 @triton.jit
 def _attn_bwd_dq(
@@ -255,7 +209,6 @@ def _attn_bwd_dq(
 # launcher
 # ----------------------------------------------------------------------------------------------------------------------
 
-_PREPROCESS_BLOCK_M = 64
 
 
 def attention_backward(q, k, v, o, stats, grad_o, scale):
@@ -265,28 +218,28 @@ def attention_backward(q, k, v, o, stats, grad_o, scale):
     """
     if grad_o.shape != o.shape:
         raise ValueError(f"attention backward: grad_o has shape {tuple(grad_o.shape)}, expected {tuple(o.shape)}")
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    grad_o = _last_dim_contiguous(grad_o.to(o.dtype))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    grad_o = last_dim_contiguous(grad_o.to(o.dtype))
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    acc, dot, precision = _kernel_types(q.dtype)
-    scale_hi, scale_lo = _split(scale)
-    qk_hi, qk_lo = _split(scale * LOG2E)
+    acc, dot, precision = dot_types(q.dtype)
+    scale_hi, scale_lo = split_scalar(scale)
+    qk_hi, qk_lo = split_scalar(scale * LOG2E)
     # Contiguous outputs: the kernels index them as (B, H, N, D) without stride arguments.
-    out_dtype = _out_dtype(q.dtype)
-    dq = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=out_dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=out_dtype, device=v.device)
+    store_dtype = out_dtype(q.dtype)
+    dq = torch.empty(q.shape, dtype=store_dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=store_dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=store_dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
-        return tuple(_finish(t.zero_(), q.dtype) for t in (dq, dk, dv))
+        return tuple(finish(t.zero_(), q.dtype) for t in (dq, dk, dv))
     delta = torch.empty(stats.shape[1:], dtype=stats.dtype, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_o.stride()[:3])
     common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, ACC=acc, DOT=dot, PRECISION=precision)
 
-    _attn_bwd_preprocess[(triton.cdiv(N_Q, _PREPROCESS_BLOCK_M), H, B)](
+    _attn_bwd_preprocess[(triton.cdiv(N_Q, PREPROCESS_BLOCK_M), H, B)](
         o, grad_o, delta, *grad_o.stride()[:3], H, N_Q,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, ACC=acc, BLOCK_M=_PREPROCESS_BLOCK_M,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, ACC=acc, BLOCK_M=PREPROCESS_BLOCK_M,
     )
     args = (H, N_Q, N_KV, scale_hi, scale_lo, qk_hi, qk_lo)
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(N_KV, meta["BLOCK_N"]), H, B)](
@@ -295,4 +248,4 @@ def attention_backward(q, k, v, o, stats, grad_o, scale):
     _attn_bwd_dq[lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)](
         q, k, v, grad_o, stats[0], stats[1], delta, dq, *strides, *args, **common
     )
-    return tuple(_finish(t, q.dtype) for t in (dq, dk, dv))
+    return tuple(finish(t, q.dtype) for t in (dq, dk, dv))

@@ -16,7 +16,9 @@ Kernels (when :func:`mfkernels._backend.use_triton` says so; the torch composite
 This is not fused into the adaLN kernel: in the block, the residual follows attention or the MLP, whose output is
 only ready after the adaLN that fed them. (Fusing it into the *next* adaLN, add + norm in one pass, would save one
 read of out; left for a later change since it changes the op boundaries the model calls.)
-Dtypes fp32, fp16, bf16, fp64 (all inputs one dtype); fp32 arithmetic, fp64 for fp64 inputs. Any C and N (masked).
+Dtypes fp32, fp16, bf16, fp64 (fp64 in the interpreter only; on a GPU it takes the torch path): the primals share one
+dtype, the tangents share the primal's or, on a 16-bit primal, fp32 (mfkernels._dtypes); out has the primal's dtype
+and dout the tangent's. fp32 arithmetic, fp64 for fp64 inputs. Any C and N (masked).
 Non-contiguous inputs are copied to contiguous ones before a launch.
 """
 
@@ -25,11 +27,14 @@ import torch
 from mfkernels._backend import use_triton
 from mfkernels._dtypes import check_dtypes, no_autocast
 from mfkernels._launch import (
+    FP64_INTERPRETER_ONLY,
     acc_dtype,
     autotune_warps,
     cast_out,
+    fp64_on_gpu,
     jit,
     kernel_launch,
+    kernel_takes,
     next_power_of_2,
     num_groups,
     plain,
@@ -126,6 +131,10 @@ def _check(x, gate, y, tangents=None):
     check_dtypes("gated_residual", {"x": x, "gate": gate, "y": y}, tangents)
 
 
+def _use_kernels(x, *tensors):
+    return use_triton(x, *tensors) and kernel_takes("gated_residual", FP64_INTERPRETER_ONLY if fp64_on_gpu(x) else None)
+
+
 def _tiles(N, C):
     # 128 channels = one warp's worth of 4-wide vector loads per row; C = 1152 (DiT-XL) is 9 tiles, no padding
     block_c = min(next_power_of_2(C), 128)
@@ -141,7 +150,7 @@ def _gated_forward(x, gate, y, tangents=None, write_out=True):
         x, gate, y = (plain(t).contiguous() for t in (x, gate, y))
         dx, dgate, dy = (plain(t).contiguous() for t in tangents) if tangents is not None else (x, gate, y)
         out = torch.empty_like(x) if write_out else None  # (B, N, C)
-        dout = torch.empty_like(x) if tangents is not None else None  # (B, N, C)
+        dout = torch.empty_like(dx) if tangents is not None else None  # (B, N, C), in the tangents' dtype
         grid = (-(-N // block_n), -(-C // block_c), B)
         # absent outputs get x as a placeholder pointer: the constexpr flags compile their accesses away
         _gated_fwd[grid](x, gate, y, dx, dgate, dy, x if out is None else out, x if dout is None else dout, N, C,
@@ -240,7 +249,7 @@ class _GatedResidualJvp(torch.autograd.Function):
 def gated_residual(x, gate, y):
     """x + gate[:, None] * y; x, y (B, N, C), gate (B, C)."""
     _check(x, gate, y)
-    if use_triton(x, gate, y):
+    if _use_kernels(x, gate, y):
         return _GatedResidual.apply(x, gate, y)
     return gated_residual_reference(x, gate, y)
 
@@ -248,6 +257,6 @@ def gated_residual(x, gate, y):
 def gated_residual_jvp(x, gate, y, dx, dgate, dy):
     """(out, dout): out differentiable, dout = dx + dgate * y + gate * dy detached."""
     _check(x, gate, y, {"dx": dx, "dgate": dgate, "dy": dy})
-    if use_triton(x, gate, y, dx, dgate, dy):
+    if _use_kernels(x, gate, y, dx, dgate, dy):
         return _GatedResidualJvp.apply(x, gate, y, dx, dgate, dy)
     return gated_residual_jvp_torch(x, gate, y, dx, dgate, dy)

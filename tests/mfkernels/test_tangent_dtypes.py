@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mfkernels
-from mfkernels import _native, adaln
+from mfkernels import _native, adaln, adaln_native
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 
@@ -81,9 +81,9 @@ def test_native_adaln_takes_one_dtype_only(monkeypatch):
     if not _native.native_available():
         pytest.skip(f"the native CPU library is not available ({_native.load_error()})")
     x, shift, scale = torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 8)
-    assert adaln._use_native(x, shift, scale, x, shift, scale)
-    assert not adaln._use_native(x.bfloat16(), shift.bfloat16(), scale.bfloat16(), x, shift, scale)
-    assert not adaln._use_native(x, shift, scale, x.double(), shift.double(), scale.double())
+    assert adaln_native.use_native(x, shift, scale, x, shift, scale)
+    assert not adaln_native.use_native(x.bfloat16(), shift.bfloat16(), scale.bfloat16(), x, shift, scale)
+    assert not adaln_native.use_native(x, shift, scale, x.double(), shift.double(), scale.double())
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
