@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PINS   := requirements/pins.txt
 NPROC  ?= $(shell $(PY) -c "import torch; print(max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 2)" 2>/dev/null || echo 2)
 
-.PHONY: test test-all demo bench clean-venv native gpu-check
+.PHONY: test test-all demo bench clean-venv native gpu-check compile-check compile-check-triton36
 
 # The install step also builds the native CPU kernels (csrc/), and reruns when they change.
 $(STAMP): setup.py $(PINS) CMakeLists.txt $(wildcard csrc/*)
@@ -50,6 +50,21 @@ GPU_PYTHON    ?= python3
 GPU_CHECK_OUT ?= runs/gpu-check
 gpu-check:
 	@GPU_CHECK_OUT="$(GPU_CHECK_OUT)" $(GPU_PYTHON) -m bench.gpu_check
+
+# The ahead-of-time compile gate over the whole grid: every Triton kernel, dtype, shape and autotune config for sm_90
+# and sm_80, no GPU needed (`make test` runs a lighter grid). Writes the sm_90 resource table to docs/kernels-sm90.md.
+compile-check: $(STAMP)
+	TRITON_INTERPRET=0 $(PY) -m mfkernels.aot --grid full --arch 90 80 --table docs/kernels-sm90.md
+
+# The same gate under what the GPU machines carry (torch 2.11, triton 3.6), in a side environment of its own.
+VENV36 ?= .venv-triton36
+$(VENV36)/.installed: requirements/triton36.txt
+	test -x $(VENV36)/bin/python || python3 -m venv $(VENV36)
+	$(VENV36)/bin/python -m pip install -q -r requirements/triton36.txt
+	touch $@
+
+compile-check-triton36: $(VENV36)/.installed
+	TRITON_INTERPRET=0 PYTHONPATH=$(CURDIR) $(VENV36)/bin/python -m mfkernels.aot --grid full --arch 90 80
 
 clean-venv:
 	rm -rf $(VENV)
