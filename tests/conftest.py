@@ -1,12 +1,17 @@
-"""Test-wide setup: the Triton interpreter is on (set before triton is imported), and ops default to the torch
-reference so that model tests stay fast; kernel tests ask for the `triton_backend` fixture."""
+"""Test-wide setup. Without CUDA the Triton interpreter is on (set before triton is imported) and kernel tests run
+the kernels on CPU tensors through it; with CUDA (the CUDA tier, ``make gpu-check``) nothing forces the interpreter,
+and the same kernel tests run the compiled kernels with their real autotune configs on CUDA tensors. Ops default to
+the torch reference so that model tests stay fast; kernel tests ask for the `triton_backend` fixture."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+ON_CUDA = torch.cuda.is_available()  # torch imports no triton: the interpreter switch below still takes effect
+if not ON_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import mfkernels  # noqa: E402
 
@@ -15,13 +20,25 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
 
 
+def _interpreter_only(item):
+    """Marked so, or an attention kernel test in float64 (fp64 attention kernels need the interpreter)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    float64_attention = ("triton_backend" in getattr(item, "fixturenames", ()) and "attention" in item.nodeid
+                         and params.get("dtype") is torch.float64)
+    return item.get_closest_marker("interpreter_only") is not None or float64_attention
+
+
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    slow = pytest.mark.skip(reason="slow: run with --runslow")
+    interpreter = pytest.mark.skip(reason="runs the kernels in float64 or on CPU tensors: the interpreter's tier")
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(slow)
+        if item.get_closest_marker("cuda") is not None and not ON_CUDA:
+            item.add_marker(no_cuda)
+        if ON_CUDA and _interpreter_only(item):
+            item.add_marker(interpreter)
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +50,18 @@ def _torch_backend_by_default():
 
 @pytest.fixture
 def triton_backend():
-    """Run mfkernels ops through the Triton kernels (the interpreter on CPU)."""
+    """Run mfkernels ops through the Triton kernels: the interpreter on CPU tensors, or, where CUDA is present, the
+    compiled kernels on CUDA tensors (new tensors default to the GPU, and TF32 is allowed, as the kernels' fp32 dots
+    use it)."""
     mfkernels.set_backend("triton")
-    yield
+    if not ON_CUDA:
+        yield
+    else:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with torch.device("cuda"):
+            yield
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     mfkernels.set_backend("torch")
 
 
