@@ -360,7 +360,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump([_as_json(r) for r in results], f, indent=1)
     worst = max(results, key=lambda r: r.registers)
-    print(f"[aot] {len(results) - len(failed)}/{len(results)} cases pass on "
+    print(f"[aot] triton {triton.__version__}: {len(results) - len(failed)}/{len(results)} cases pass on "
           f"{', '.join(f'sm_{a}' for a in args.arch)} ({args.grid} grid) in {time.perf_counter() - start:.0f} s; "
           f"most registers: {worst.registers} ({worst.case.kernel.split(':')[1]}, {worst.case.dtype}, "
           f"{worst.case.shape}, {worst.case.block})")
