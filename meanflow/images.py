@@ -50,6 +50,9 @@ def save_samples(path: str, x: torch.Tensor, rows: int):
         np.savez(tmp, samples=x.detach().float().cpu().numpy())
         os.replace(tmp, path)
         return
+    if x.dim() != 4:
+        raise ValueError(f"cannot write samples of shape {tuple(x.shape)} as PNG (it needs images (B, C, H, W)): "
+                         "use an .npz output")
     images = to_uint8(x)
     if images.shape[-1] not in (1, 3):
         raise ValueError(f"cannot write {images.shape[-1]}-channel samples as PNG: use an .npz output")

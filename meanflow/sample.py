@@ -60,6 +60,11 @@ def main(argv=None) -> int:
         seed = cfg.train.seed if args.seed is None else args.seed
         shape = (cfg.model.in_channels,) if cfg.model.name == "MLP" else (
             cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+        if out.endswith(".png") and (len(shape) != 3 or shape[0] not in (1, 3)):
+            # before sampling: a grid of vectors or latents cannot be drawn, and nothing should be written
+            made = f"vectors of {shape[0]} values" if len(shape) == 1 else f"{shape[0]}-channel arrays"
+            raise ConfigError(f"--out {out}: PNG output needs 1- or 3-channel image data, but this run's "
+                              f"{cfg.model.name} makes {made}; use --out FILE.npz")
         x, _, rows = sample_grid(model, args.n, num_classes=cfg.model.num_classes, sample_shape=shape, seed=seed,
                                  steps=args.steps, device=args.device)
         save_samples(out, x, rows)
