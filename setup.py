@@ -22,6 +22,7 @@ setup(
         "console_scripts": [
             "meanflow-train=meanflow.train:main",
             "meanflow-sample=meanflow.sample:main",
+            "meanflow-evaluate=meanflow.evaluate:main",
         ]
     },
 )
