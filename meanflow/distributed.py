@@ -6,6 +6,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from meanflow.config import ConfigError
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # torchrun sets all three for every process
+
 
 @dataclass
 class Dist:
@@ -38,12 +42,33 @@ class Dist:
         return box[0]
 
 
+def launch_ranks() -> tuple:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) from the environment once WORLD_SIZE is set; a ConfigError naming the variable
+    when one is missing or not an integer (a hand-set WORLD_SIZE, say), before any process group is joined."""
+    missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {' and '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun (it sets RANK, WORLD_SIZE "
+                          "and LOCAL_RANK), or unset WORLD_SIZE to run one process")
+    values = []
+    for name in LAUNCH_VARIABLES:
+        try:
+            values.append(int(os.environ[name]))
+        except ValueError:
+            raise ConfigError(f"{name}={os.environ[name]!r} must be an integer (torchrun sets it)") from None
+    rank, world, local = values
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ConfigError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}: need WORLD_SIZE >= 1, "
+                          "0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0")
+    return rank, world, local
+
+
 def init_distributed() -> Dist:
     """Join torchrun's process group when WORLD_SIZE is set; otherwise run as one process."""
     cuda = torch.cuda.is_available()
     if "WORLD_SIZE" not in os.environ:
         return Dist(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world, local = launch_ranks()
     if cuda:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
