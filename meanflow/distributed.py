@@ -6,9 +6,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from meanflow.config import ConfigError
+from meanflow.errors import ConfigError
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # torchrun sets all three for every process
+
+
+class PeerFailed(RuntimeError):
+    """Another rank (rank 0) failed in work the ranks must leave together; its own error says why."""
 
 
 @dataclass
@@ -33,6 +37,26 @@ class Dist:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
             value /= self.world_size
         return value
+
+    def run_on_main(self, fn, *args):
+        """fn(*args) on rank 0 only (writing the run folder, say), with every rank leaving together: when it raises
+        there, rank 0 re-raises its error and the other ranks raise PeerFailed at once, instead of waiting in the
+        next collective until a timeout."""
+        error = None
+        if self.is_main:
+            try:
+                fn(*args)
+            except Exception as e:  # told to the other ranks first, then re-raised below
+                error = e
+        failed = error is not None
+        if self.initialized:
+            flag = torch.tensor([float(failed)], device=self.device)
+            dist.broadcast(flag, src=0)
+            failed = bool(flag.item())
+        if error is not None:
+            raise error
+        if failed:
+            raise PeerFailed("rank 0 failed (its error is in its output); this rank stops too")
 
     def broadcast_object(self, obj):
         if not self.initialized:

@@ -27,19 +27,19 @@ TIME_SAMPLERS = ("logit_normal", "uniform")
 
 @dataclass
 class ObjectiveConfig:
-    time_sampler: str = "logit_normal"  # or "uniform"
-    time_mu: float = -0.4
-    time_sigma: float = 1.0
+    time_sampler: str = "logit_normal"  # how t and r are drawn: "logit_normal" or "uniform"
+    time_mu: float = -0.4  # logit-normal mean of t and r (each sigmoid(N(mu, sigma)); t = max, r = min)
+    time_sigma: float = 1.0  # logit-normal standard deviation
     ratio_r_neq_t: float = 0.25  # fraction of the batch with r != t; 0 gives plain flow matching
-    tangent_r: float = 0.0  # the paper's tangent is (v, 0, 1); change only to reproduce its Table 1b ablation
-    tangent_t: float = 1.0
-    adaptive_p: float = 1.0  # p = 0: plain L2
-    adaptive_c: float = 1e-3
+    tangent_r: float = 0.0  # tangent of r; the paper's is (v, 0, 1): change only to reproduce its Table 1b
+    tangent_t: float = 1.0  # tangent of t in the JVP (the paper's 1)
+    adaptive_p: float = 1.0  # adaptive weighting power; p = 0: plain L2
+    adaptive_c: float = 1e-3  # adaptive weighting: loss = L / sg(L + c)^p
     class_drop: float = 0.1  # probability a label is replaced by the null class
-    cfg_w: float = 1.0  # w = 1, k = 0: no guidance in training
-    cfg_k: float = 0.0
-    cfg_t_start: float = 0.0
-    cfg_t_end: float = 1.0
+    cfg_w: float = 1.0  # guidance in training: v~ = w v + k u(c) + (1 - w - k) u(null); w = 1, k = 0: none
+    cfg_k: float = 0.0  # guidance mixing weight of the conditional u (see cfg_w)
+    cfg_t_start: float = 0.0  # guidance applies for t in [cfg_t_start, cfg_t_end]
+    cfg_t_end: float = 1.0  # end of the guidance interval
     engine: str = "dual"  # "dual" or "func" (the torch.func.jvp reference)
 
     def validate(self):

@@ -59,3 +59,17 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "is imported"
         )
     return runnable
+
+
+def backend_summary(device: torch.device) -> dict:
+    """Which implementation each op runs for tensors on `device` under the current switch, for a run's summary:
+    "triton" (compiled kernels), "interpreter" (the same kernels on CPU), "native" (the C kernel of the CPU adaLN dual
+    op), or "torch". Per-call exceptions (fp64 on a GPU, head dims or rows the kernels decline) are not listed."""
+    backend = get_backend()
+    if backend != "torch" and triton_available() and (device.type == "cuda" or _interpreting()):
+        kernels = "triton" if device.type == "cuda" else "interpreter"
+        return {"attention": kernels, "adaln_modulate": kernels, "gated_residual": kernels}
+    from mfkernels import _native  # the C library is probed only when a summary asks
+
+    adaln = "native (dual op), torch" if device.type == "cpu" and _native.native_available() else "torch"
+    return {"attention": "torch", "adaln_modulate": adaln, "gated_residual": "torch"}

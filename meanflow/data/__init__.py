@@ -10,7 +10,7 @@ The order (order.py) makes a W-process run see the same global batches as a 1-pr
 Nothing in a user's data folder is ever written.
 """
 
-from .config import LOADERS, SOURCES, DataConfig, DataError
+from .config import LOADERS, SOURCES, DataConfig, DataError, infer_source
 from .index import DatasetIndex, build_dataset_index
 from .loader import Loader, build_loader
 from .order import epoch_order, rank_steps
@@ -25,5 +25,6 @@ __all__ = [
     "build_dataset_index",
     "build_loader",
     "epoch_order",
+    "infer_source",
     "rank_steps",
 ]

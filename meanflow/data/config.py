@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 SOURCES = ("mnist", "npy", "images")
@@ -39,3 +40,14 @@ class DataConfig:
             raise DataError(f"data.scale: must be a finite non-zero number, got {self.scale!r}")
         if self.source in ("npy", "images") and not self.root:
             raise DataError(f"data.root: the {self.source!r} source needs a data folder (set --data.root=DIR)")
+
+
+def infer_source(cfg: DataConfig) -> None:
+    """A data.root given on the embedded-MNIST default means the user's own data: "npy" when the folder holds .npy
+    files, "images" otherwise (set data.source to say which outright)."""
+    if cfg.source != "mnist":
+        return
+    if not os.path.isdir(cfg.root):
+        raise DataError(f"data.root: data folder {cfg.root} does not exist")
+    names = (n for _, _, files in os.walk(cfg.root) for n in files)
+    cfg.source = "npy" if any(n.endswith(".npy") for n in names) else "images"

@@ -22,7 +22,7 @@ from meanflow.distributed import Dist
 from meanflow.jvp import u_and_dudt
 from meanflow.models import create_model
 from meanflow.models.layers import TimestepEmbedder
-from meanflow.train import Trainer
+from meanflow.trainer.loop import Trainer
 from tests.meanflow.cli import cli_env, run
 from tests.meanflow.reference_models import float64_tangent, random_inputs, randomize_fan_in
 

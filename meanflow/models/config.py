@@ -1,0 +1,30 @@
+"""The `model.*` section of the run config: which network to build, and its size overrides."""
+
+from dataclasses import dataclass
+
+from meanflow.models import MODEL_NAMES
+
+
+@dataclass
+class ModelConfig:
+    name: str = "DiT-B/2"  # a size from meanflow.models (DiT-{S,B,M,L,XL}/{2,4,8}, small CPU sizes, MLP)
+    input_size: int = 32  # side of the square input (latent or image) in pixels
+    in_channels: int = 4  # channels of the input; for MLP, the vector dimension
+    num_classes: int = 1000  # class-conditional with this many classes (+ a null class); 0: unconditional
+    time_scale: float = 1.0  # times are embedded as t * time_scale (DiT used 1000; 1 trains stably here)
+
+    def validate(self):
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"model.name: unknown model {self.name!r}; valid choices: {', '.join(MODEL_NAMES)}")
+        for key in ("input_size", "in_channels"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key}: must be > 0, got {getattr(self, key)}")
+        if self.num_classes < 0:
+            raise ValueError(f"model.num_classes: must be >= 0, got {self.num_classes}")
+
+    def build_kwargs(self):
+        """Keyword overrides of meanflow.models.create_model for this section."""
+        if self.name == "MLP":
+            return dict(dim=self.in_channels, num_classes=self.num_classes, time_scale=self.time_scale)
+        return dict(input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
+                    time_scale=self.time_scale)

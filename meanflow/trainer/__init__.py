@@ -1,0 +1,9 @@
+"""The training loop's parts, one concern a module; :mod:`meanflow.train` is the torchrun entry that wires them.
+
+    loop.py           the `train.*` section; Trainer: setup, the loop, the train step, samples at the end
+    run_folder.py     is the folder ours, what it resumes from, config.json / summary.json, metrics truncation
+    metrics.py        the `log.*` section; metrics.jsonl, TensorBoard, the progress bar, step timing
+    optim.py          the `optim.*` section; AdamW and the learning-rate schedule
+    checkpointing.py  the `checkpoint.*` section; when to save, what goes with a checkpoint, resuming
+    summary.py        the run summary printed at start (device, precision, FLOPs, data, kernels, resume point)
+"""

@@ -1,0 +1,229 @@
+"""The `train.*` section and the Trainer: build the model stack, then loop over batches, logging and checkpointing.
+
+    Trainer(cfg, dist).run()
+
+setup() checks everything that can fail before the run folder is touched (the world size, the data against the
+model, the run folder, TensorBoard), builds the model, its EMA (fp32, sharded like the model), parallelism and the
+optimizer, resumes from the newest complete checkpoint, and writes config.json and summary.json. run() trains to
+train.steps, with a checkpoint every checkpoint.every steps and one at the end, then writes samples.png. Every
+step's randomness comes from (train.seed, step) alone, so the world size and a resume never change it.
+"""
+
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from meanflow.data import build_loader
+from meanflow.ema import EMA
+from meanflow.errors import ConfigError
+from meanflow.images import save_samples
+from meanflow.models import create_model
+from meanflow.models.layers import TANGENT_PRECISIONS
+from meanflow.objective import draw, meanflow_loss
+from meanflow.parallel import parallelize, precision_dtype, set_tf32
+from meanflow.sampling import grid_classes, sample_grid
+from meanflow.trainer import checkpointing
+from meanflow.trainer.metrics import MetricsLog, tensorboard_factory
+from meanflow.trainer.optim import build_optimizer, lr_at, set_lr
+from meanflow.trainer.run_folder import inspect_run_folder, prepare_run_folder
+from meanflow.trainer.summary import format_summary, run_summary
+
+log = logging.getLogger("meanflow.train")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400_000  # optimizer steps to train for (a resumed run continues to this total)
+    global_batch: int = 256  # images per step over all processes
+    out: str = "runs/default"  # the run folder; re-running on it resumes
+    seed: int = 0  # model init, data order and every step's noise and times
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp32" (README: Precision)
+    tangent_precision: str = "fp32"  # the JVP tangent under bf16: "fp32", or "primal" (bf16 like the primal)
+    tf32: bool = True  # fp32 matmuls and convolutions on CUDA in TF32 (torch and the attention kernel)
+    compile: bool = False  # torch.compile each DiT block's forward and dual path
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    samples_at_end: int = 10  # samples per class in samples.png written at the end (0: none)
+
+    def validate(self):
+        if self.steps <= 0:
+            raise ValueError(f"train.steps: must be > 0, got {self.steps}")
+        if self.global_batch <= 0:
+            raise ValueError(f"train.global_batch: must be > 0, got {self.global_batch}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.precision: unknown value {self.precision!r}; valid choices: auto, bf16, fp32")
+        if self.tangent_precision not in TANGENT_PRECISIONS:
+            raise ValueError(f"train.tangent_precision: unknown value {self.tangent_precision!r}; valid choices: "
+                             f"{', '.join(TANGENT_PRECISIONS)}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"train.max_bad_steps: must be >= 1, got {self.max_bad_steps}")
+        if not self.out:
+            raise ValueError("train.out: the run folder must be set")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the last good checkpoint is left as it was."""
+
+
+def step_seed(seed, step):
+    """The generator seed of one step: its randomness depends only on (seed, step), never on the world size."""
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+def _full(x):
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+class Trainer:
+    def __init__(self, cfg, dist):
+        self.cfg, self.d = cfg, dist
+        self.run_dir = cfg.train.out
+        self.bad_steps = self.skipped_steps = 0
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # setup
+
+    def setup(self):
+        cfg, d = self.cfg, self.d
+        if cfg.train.global_batch % d.world_size:
+            raise ConfigError(f"train.global_batch: {cfg.train.global_batch} is not divisible by the world size "
+                              f"{d.world_size}")
+        self.loader = build_loader(cfg.data, cfg.train.global_batch, d.rank, d.world_size, cfg.train.seed)
+        self._check_data_fits_model()
+        resume = inspect_run_folder(self.run_dir, cfg.model)
+        self.tensorboard = tensorboard_factory(cfg.log, self.run_dir) if d.is_main else None
+        self._build_model()
+        self.step = checkpointing.resume(resume, self, log) if resume is not None else 0
+        self.resumed_at = self.step if resume is not None else None
+        summary = run_summary(self)
+        if d.is_main:
+            log.info("%s", format_summary(summary))
+        d.run_on_main(prepare_run_folder, self.run_dir, self.step, cfg.to_dict(), summary)
+
+    def _build_model(self):
+        cfg, d = self.cfg, self.d
+        torch.manual_seed(cfg.train.seed)  # the same init on every rank (each shards its own copy) and every run
+        model = create_model(cfg.model.name, **cfg.model.build_kwargs()).to(d.device)
+        model.check_values = False  # r, t and y are built here; skip the per-call device syncs
+        model.tangent_precision = cfg.train.tangent_precision
+        self.ema = EMA.copy_of(model, cfg.optim.ema_decay, cfg.optim.ema_warmup)  # before sharding and compiling
+        self.dtype = precision_dtype(cfg.train.precision, d.device)
+        set_tf32(cfg.train.tf32)
+        self.model = parallelize(model, distributed=d.initialized, compute_dtype=self.dtype,
+                                 compile=cfg.train.compile, activation_checkpointing=cfg.train.activation_checkpointing)
+        parallelize(self.ema.module, distributed=d.initialized, compute_dtype=torch.float32)
+        self.optimizer = build_optimizer(self.model, cfg.optim, d.device)
+        # without FSDP, bf16 comes from autocast; with FSDP, from its mixed-precision policy
+        use_autocast = self.dtype != torch.float32 and not d.initialized
+        self.autocast = torch.autocast(d.device.type, self.dtype) if use_autocast else nullcontext()
+
+    def _check_data_fits_model(self):
+        cfg, ld = self.cfg, self.loader
+        want = (cfg.model.in_channels,) if cfg.model.name == "MLP" else (
+            cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+        if tuple(ld.item_shape) != want:
+            raise ConfigError(f"data items have shape {tuple(ld.item_shape)} but model.in_channels/model.input_size "
+                              f"give {want}")
+        if cfg.model.num_classes > 0 and ld.num_classes == 0:
+            raise ConfigError("model.num_classes > 0 but the data has no labels (set --model.num_classes=0)")
+        if ld.num_classes > cfg.model.num_classes > 0:
+            raise ConfigError(f"the data has {ld.num_classes} classes but model.num_classes is "
+                              f"{cfg.model.num_classes}")
+        if ld.steps_per_epoch == 0:
+            raise ConfigError(f"train.global_batch {cfg.train.global_batch} exceeds the {ld.num_items} items")
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # the loop
+
+    def run(self):
+        self.setup()
+        cfg, d = self.cfg, self.d
+        metrics = MetricsLog(cfg.log, self.run_dir, active=d.is_main, total=cfg.train.steps, start=self.step,
+                             global_batch=cfg.train.global_batch, device=d.device, tensorboard=self.tensorboard)
+        with metrics:
+            for x, y in self.batches(metrics):
+                finite, loss, mse, grad_norm = self.train_step(x, y)
+                self.step += 1
+                self._count_bad_steps(finite, loss, grad_norm)
+                metrics.step_done(self.step, loss, mse, grad_norm, lr_at(cfg.optim, self.step - 1),
+                                  self.skipped_steps)
+                if checkpointing.due(cfg.checkpoint, self.step, cfg.train.steps):
+                    checkpointing.save(self)
+        if self.resumed_at != self.step:  # a finished run restarted has nothing new to save
+            checkpointing.save(self)
+        self.write_samples()
+
+    def batches(self, metrics):
+        """(x, y) on the device until train.steps, resuming mid-epoch; the wait for each batch goes to metrics."""
+        spe, total, labels = self.loader.steps_per_epoch, self.cfg.train.steps, self.cfg.model.num_classes > 0
+        while self.step < total:
+            epoch = iter(self.loader.epoch(self.step // spe, self.step % spe))
+            while self.step < total:
+                start = time.perf_counter()
+                batch = next(epoch, None)
+                metrics.waited(time.perf_counter() - start)
+                if batch is None:  # the epoch is done: the outer loop starts the next one
+                    break
+                x, y = batch
+                yield x.to(self.d.device, non_blocking=True), (y.to(self.d.device) if labels else None)
+
+    def _count_bad_steps(self, finite, loss, grad_norm):
+        if finite:
+            self.bad_steps = 0
+            return
+        self.bad_steps, self.skipped_steps = self.bad_steps + 1, self.skipped_steps + 1
+        if self.d.is_main:
+            log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): step skipped", self.step, loss,
+                        grad_norm)
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"training diverged: {self.bad_steps} consecutive non-finite steps, the last at step {self.step}; "
+                f"the last good checkpoint is left untouched in {self.run_dir}/checkpoints "
+                "(lower optim.lr or raise optim.warmup_steps)"
+            )
+
+    def train_step(self, x, y):
+        """One optimizer step on this rank's rows of the global batch; returns (finite, loss, mse, grad norm), the
+        last three averaged over ranks. A non-finite step changes no weights."""
+        cfg, d = self.cfg, self.d
+        G, lb = cfg.train.global_batch, cfg.train.global_batch // d.world_size
+        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.step))
+        rnd = draw(cfg.objective, G, tuple(x.shape[1:]), gen).rows(d.rank * lb, (d.rank + 1) * lb).to(d.device)
+        with self.autocast:
+            loss, stats = meanflow_loss(self.model, x, y, rnd, cfg.objective)
+        loss.backward()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)).float()
+        loss_mean = d.all_reduce_mean(loss.detach().float())
+        mse = d.all_reduce_mean(stats["mse"].float())
+        finite = bool(torch.isfinite(loss_mean)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            set_lr(self.optimizer, lr_at(cfg.optim, self.step))
+            self.optimizer.step()
+            self.ema.update(self.model, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite, loss_mean.item(), mse.item(), grad_norm.item()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # the end
+
+    def write_samples(self):
+        """samples.png (images only) and samples.npz: 1-NFE samples of the EMA model, one row per class."""
+        cfg, d = self.cfg, self.d
+        per_class = cfg.train.samples_at_end
+        if per_class <= 0:
+            return
+        rows = max(1, len(grid_classes(cfg.model.num_classes)))
+        x, _, rows = sample_grid(self.ema.module, rows * per_class, num_classes=cfg.model.num_classes,
+                                 sample_shape=tuple(self.loader.item_shape), seed=cfg.train.seed, steps=1,
+                                 device=d.device)
+        if d.is_main:
+            png = os.path.join(self.run_dir, "samples.png")
+            save_samples(os.path.join(self.run_dir, "samples.npz"), x, rows)
+            if x.dim() == 4:
+                save_samples(png, x, rows)
+                print(f"samples: {os.path.abspath(png)}", flush=True)

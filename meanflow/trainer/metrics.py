@@ -1,0 +1,108 @@
+"""The `log.*` section and everything a run reports while it trains: metrics.jsonl, TensorBoard scalars and the
+progress bar (rank 0 only), with the step timing they share.
+
+Each metrics.jsonl line: step, loss, mse, grad_norm, lr, img_per_s and step_time_s (over the steps since the last
+line), data_wait_frac (share of that time spent waiting for batches), peak_mem_mib, skipped_steps (non-finite steps
+so far).
+"""
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from meanflow.errors import ConfigError
+from meanflow.trainer.run_folder import METRICS
+
+
+@dataclass
+class LogConfig:
+    every: int = 50  # steps between metrics.jsonl lines (and the progress bar's loss and speed)
+    progress: bool = True  # tqdm progress bar on rank 0
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <train.out>/tensorboard
+
+    def validate(self):
+        if self.every <= 0:
+            raise ValueError(f"log.every: must be > 0, got {self.every}")
+
+
+def tensorboard_factory(cfg: LogConfig, run_dir):
+    """A function that opens the run's SummaryWriter, or None; checked before the run folder is touched."""
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("log.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
+    return lambda: SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class MetricsLog:
+    """Opened around the training loop (a context manager); a no-op on ranks other than 0."""
+
+    def __init__(self, cfg: LogConfig, run_dir, *, active, total, start, global_batch, device, tensorboard=None):
+        self.cfg, self.active, self.total, self.start = cfg, active, total, start
+        self.global_batch, self.device, self._tensorboard = global_batch, device, tensorboard
+        self.path = os.path.join(run_dir, METRICS)
+        self.file = self.board = self.bar = None
+        self._window()
+
+    def __enter__(self):
+        if self.active:
+            self.file = open(self.path, "a")
+            self.board = self._tensorboard() if self._tensorboard is not None else None
+            if self.cfg.progress:
+                from tqdm import tqdm
+
+                # redrawn at most twice a second (every few seconds when the output is a log file, not a terminal)
+                self.bar = tqdm(total=self.total, initial=self.start, desc="train", unit="step", dynamic_ncols=True,
+                                mininterval=0.5 if sys.stderr.isatty() else 5.0)
+        return self
+
+    def __exit__(self, *exc):
+        for handle in (self.bar, self.file, self.board):
+            if handle is not None:
+                handle.close()
+
+    def _window(self):
+        self.t0, self.wait, self.steps = time.perf_counter(), 0.0, 0
+
+    def waited(self, seconds):
+        """Time spent waiting for a batch (reported as data_wait_frac)."""
+        self.wait += seconds
+
+    def step_done(self, step, loss, mse, grad_norm, lr, skipped):
+        self.steps += 1
+        if step % self.cfg.every == 0 or step == self.total:
+            self._write(step, loss, mse, grad_norm, lr, skipped)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _write(self, step, loss, mse, grad_norm, lr, skipped):
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        row = {"step": step, "loss": loss, "mse": mse, "grad_norm": grad_norm, "lr": lr,
+               "img_per_s": self.steps * self.global_batch / elapsed, "step_time_s": elapsed / max(self.steps, 1),
+               "data_wait_frac": self.wait / elapsed, "peak_mem_mib": peak_memory_mib(self.device),
+               "skipped_steps": skipped}
+        self._window()
+        if not self.active:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.board.add_scalar(f"train/{key}", value, step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['img_per_s']:.0f}",
+                                 step_s=f"{row['step_time_s']:.3f}", refresh=False)

@@ -1,0 +1,85 @@
+"""The run folder: is it ours and what does it resume from (read-only checks first), then its files.
+
+    <train.out>/config.json      the resolved config of the latest start
+    <train.out>/summary.json     what the run ran on (meanflow.trainer.summary)
+    <train.out>/metrics.jsonl    one line per logged step (meanflow.trainer.metrics)
+    <train.out>/checkpoints/     step-N folders (meanflow.checkpoint)
+    <train.out>/samples.png|npz  1-NFE samples of the EMA model at the end
+"""
+
+import json
+import os
+
+from meanflow.checkpoint import latest_checkpoint, read_meta, write_json_atomic
+from meanflow.models.config import ModelConfig
+
+METRICS = "metrics.jsonl"
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used for this config; nothing in it was changed."""
+
+
+def inspect_run_folder(run_dir, model_cfg: ModelConfig):
+    """The checkpoint to resume from (path) or None; RunFolderError if the folder is not a run folder or holds another
+    model. Reads only."""
+    if not os.path.exists(run_dir):
+        return None
+    if not os.path.isdir(run_dir):
+        raise RunFolderError(f"train.out: {run_dir} exists and is not a folder")
+    if not os.listdir(run_dir):
+        return None
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        raise RunFolderError(
+            f"train.out: {run_dir} is not empty and holds no config.json, so it is not a meanflow run folder; "
+            "choose another --train.out"
+        )
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    saved = _saved_model(latest[1])
+    if saved != model_cfg:
+        raise RunFolderError(
+            f"train.out: {run_dir} holds checkpoints of a different model ({saved}) than this config asks for "
+            f"({model_cfg}); use another --train.out or the same model settings"
+        )
+    return latest[1]
+
+
+def _saved_model(path) -> ModelConfig:
+    try:
+        model = ModelConfig(**read_meta(path).get("config", {}).get("model", {}))
+        model.validate()
+    except (TypeError, ValueError) as e:
+        raise RunFolderError(f"checkpoint {path}: unreadable model config: {e}") from None
+    return model
+
+
+def prepare_run_folder(run_dir, step, config: dict, summary: dict):
+    """Create the folder, drop metrics past the resumed step, and write config.json and summary.json (rank 0)."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        truncate_metrics(os.path.join(run_dir, METRICS), step)
+        write_json_atomic(os.path.join(run_dir, "config.json"), config)
+        write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+    except OSError as e:
+        raise RunFolderError(f"train.out: cannot write the run folder {run_dir}: {e}") from None
+
+
+def truncate_metrics(path, last_step):
+    """Drop logged lines beyond the resumed step (they belong to the lost part of a crashed run)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            if json.loads(ln).get("step", 0) <= last_step:
+                keep.append(ln)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)

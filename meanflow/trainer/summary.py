@@ -1,0 +1,73 @@
+"""The run summary: what a run runs on, printed once at its start and stored as <train.out>/summary.json.
+
+FLOPs per image of a training step are counted, not guessed: one forward of the model on meta tensors under
+torch's FlopCounterMode gives F, and a MeanFlow step costs about (4 + 2 g) F per image: the primal forward, the
+tangent (one more forward's worth of matmuls, DESIGN.md), the backward (2 F), and g = 1 when guidance in training
+evaluates u(z, t, t | y) and u(z, t, t | null) too (under no_grad, over the whole batch).
+"""
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import mfkernels
+from meanflow.models import create_model
+from mfkernels._backend import backend_summary
+
+
+def forward_flops(cfg) -> int:
+    """FLOPs of one forward of cfg.model for one input, counted on meta tensors (no memory, no compute)."""
+    previous = mfkernels.get_backend()
+    mfkernels.set_backend("torch")  # meta tensors run the torch reference ops
+    try:
+        with torch.device("meta"):
+            model = create_model(cfg.model.name, **cfg.model.build_kwargs()).to("meta")  # buffers built on the CPU too
+            model.check_values = False  # value checks read tensors, which meta tensors do not have
+            z = torch.zeros(1, *model.sample_shape)
+            t = torch.ones(1)
+            y = torch.zeros(1, dtype=torch.long) if cfg.model.num_classes > 0 else None
+        with FlopCounterMode(display=False) as counter:
+            model(z, t, t, y)
+    finally:
+        mfkernels.set_backend(previous)
+    return counter.get_total_flops()
+
+
+def run_summary(trainer) -> dict:
+    cfg, d, model = trainer.cfg, trainer.d, trainer.ema.module
+    dtype = str(trainer.dtype).removeprefix("torch.")
+    f = forward_flops(cfg)
+    guided = cfg.objective.guided and cfg.model.num_classes > 0
+    device = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
+    return {
+        "device": f"{d.world_size} x {device}" if d.initialized else device,
+        "world_size": d.world_size,
+        "precision": {"params": "float32", "compute": dtype,
+                      "tangent": "float32" if cfg.train.tangent_precision == "fp32" or dtype == "float32" else dtype,
+                      "reduce": "float32", "tf32": cfg.train.tf32},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "forward_flops_per_image": f,
+        "step_flops_per_image": (4 + 2 * guided) * f,
+        "data": {"source": cfg.data.source, "backend": trainer.loader.backend, "items": trainer.loader.num_items,
+                 "steps_per_epoch": trainer.loader.steps_per_epoch},
+        "kernels": backend_summary(d.device),
+        "compile": cfg.train.compile,
+        "activation_checkpointing": cfg.train.activation_checkpointing,
+        "resume_step": trainer.step if trainer.resumed_at is not None else None,
+    }
+
+
+def format_summary(s: dict) -> str:
+    """The summary as a few readable lines for the log."""
+    p, data = s["precision"], s["data"]
+    kernels = ", ".join(f"{op} {impl}" for op, impl in s["kernels"].items())
+    return "\n".join([
+        f"run: {s['device']}, world size {s['world_size']}; {s['parameters'] / 1e6:.2f}M parameters; "
+        f"{s['step_flops_per_image'] / 1e9:.4g} GFLOP per image per step ({s['forward_flops_per_image'] / 1e9:.4g} "
+        "forward)",
+        f"precision: params {p['params']}, compute {p['compute']}, tangent {p['tangent']}, reduce {p['reduce']}, "
+        f"tf32 {'on' if p['tf32'] else 'off'}; compile {s['compile']}, activation checkpointing "
+        f"{s['activation_checkpointing']}",
+        f"data: {data['source']} via {data['backend']}, {data['items']} items, {data['steps_per_epoch']} steps/epoch",
+        f"kernels: {kernels}",
+        "start: fresh" if s["resume_step"] is None else f"start: resumed at step {s['resume_step']}",
+    ])
