@@ -1,4 +1,5 @@
-"""Draw samples from a run's newest checkpoint (EMA weights), in one process on any machine.
+"""The sampling command line: draw samples from a run's newest checkpoint (EMA weights), in one process on any
+machine. The sampler itself is the library function meanflow.sampling.sample.
 
     python -m meanflow.sample --run runs/mnist-demo [--steps 1] [--n 64] [--out samples.png|samples.npz]
                               [--seed 0] [--checkpoint DIR] [--device cpu|cuda]

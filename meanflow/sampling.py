@@ -1,4 +1,5 @@
-"""Sampling with the average velocity: z_r = z_t - (t - r) u(z_t, r, t), from t = 1 (noise) to 0 (data).
+"""The sampler (library): z_r = z_t - (t - r) u(z_t, r, t), from t = 1 (noise) to 0 (data). The command line that
+loads a run and writes files is meanflow.sample (both names are fixed by the public contract).
 
 One step (1-NFE) is x = e - u(e, 0, 1); n steps walk a decreasing time grid, 1 = t_0 > t_1 > ... > t_n = 0.
 """
