@@ -16,7 +16,7 @@ first call, and the norm of that first u (0 exactly for the zero-initialised mod
 trainer ran the model built here.
 
 --zero-dudt (measurements only): the objective gets du/dt = 0, as if the tangent were lost; its loss then falls back
-towards flow matching. Used once to size the tolerance of test_bf16_mixed_precision_matches_fp32.
+towards flow matching. Used once to size the tolerance of test_bf16_mixed_precision_tracks_fp32.
 """
 
 import importlib
