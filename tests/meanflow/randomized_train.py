@@ -12,8 +12,8 @@ same weights on every rank and in every run (a resumed run then loads its checkp
 At exit each process prints one line ``randomized_train {json}`` for the tests to parse, written from inside the run:
 the dtypes of the first block's qkv weight and output at their first call (a forward hook: bf16 under bf16 compute,
 with fp32 weights under autocast and bf16 ones under FSDP's policy) and of the u and du/dt the objective got at its
-first call, and the norm of that first u (0 exactly for the zero-initialised model). Seeing the line at all shows the
-trainer ran the model built here.
+first call, and the norm of that first u (0 exactly for the zero-initialised model). qkv dtypes in the report and a
+non-zero |u| show that the trainer ran the model built here.
 
 --zero-dudt (measurements only): the objective gets du/dt = 0, as if the tangent were lost; its loss then falls back
 towards flow matching. Used once to size the tolerance of test_bf16_mixed_precision_tracks_fp32.
