@@ -193,8 +193,9 @@ class DiT(nn.Module):
         return y
 
     def _tokens(self, z):
-        # inputs and buffers follow the weights' dtype, so bf16 parameters (FSDP mixed precision) see bf16 tokens
-        x = self.x_embedder(z.to(self.x_embedder.weight.dtype)).flatten(2).transpose(1, 2)  # (B, T, D)
+        # inputs and buffers follow the weights' dtype, so bf16 parameters (FSDP mixed precision) see bf16 tokens;
+        # contiguous: torch 2.13's inductor (CPU) returns wrong gradients for compiled blocks fed the transposed view
+        x = self.x_embedder(z.to(self.x_embedder.weight.dtype)).flatten(2).transpose(1, 2).contiguous()  # (B, T, D)
         return x + self.pos_embed.to(x.dtype)
 
     def _run_blocks(self, method, *args):
