@@ -8,6 +8,7 @@ section or key, or a value that does not parse, raises ConfigError naming it wit
 """
 
 import json
+import math
 import os
 import tomllib
 
@@ -17,9 +18,19 @@ from meanflow.data import infer_source
 from meanflow.errors import ConfigError
 
 
+def _kind(value) -> str:
+    return {list: "a list", tuple: "a list", dict: "a mapping", type(None): "no value"}.get(type(value), "")
+
+
 def _convert(key, text_or_value, typ):
-    """Convert a command-line string (or a file's value) to the field's type, or raise ConfigError naming the key."""
+    """Convert a command-line string (or a file's value) to the field's type, or raise ConfigError naming the key.
+
+    One rule for numbers, on the command line and in files alike: an int field takes 1000, 1_000, 1e3 or 1000.0
+    (any integral value), never 2.5; a float field takes any finite number, never nan or inf."""
     value = text_or_value
+    kind = _kind(value)
+    if kind:  # a list, mapping or empty value where the schema has a scalar
+        raise ConfigError(f"{key}: expected a single {typ.__name__} value, got {kind} ({value!r})")
     try:
         if typ is bool:
             if isinstance(value, bool):
@@ -31,22 +42,44 @@ def _convert(key, text_or_value, typ):
                 return False
             raise ValueError
         if typ is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, bool):
                 raise ValueError
-            return int(str(value).replace("_", "")) if isinstance(value, str) else int(value)
+            if isinstance(value, int):
+                return value
+            if isinstance(value, str):
+                try:
+                    return int(value.strip())
+                except ValueError:
+                    value = float(value)  # "1e3" or "2.0": judged as the number it writes, below
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
-        return str(value)
-    except ValueError:
-        raise ConfigError(f"{key}: cannot read {text_or_value!r} as {typ.__name__}") from None
+            number = float(value)
+        else:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError
+            return str(value)
+    except (ValueError, TypeError, OverflowError):
+        what = "int (a whole number: 1000, 1_000 and 1e3 are read, 2.5 is not)" if typ is int else typ.__name__
+        raise ConfigError(f"{key}: cannot read {text_or_value!r} as {what}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: must be a finite number, got {text_or_value!r}")
+    return number
 
 
 def apply_overrides(cfg: Config, overrides: dict, origin: str = "override"):
     """Set ``{"section.key": value}`` or nested ``{"section": {"key": value}}`` on cfg, checking every name."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections ({{section: {{key: value}}}}), got "
+                          f"{_kind(overrides) or type(overrides).__name__} ({overrides!r})")
     flat = {}
     for key, value in overrides.items():
+        key = str(key)
+        if key in SECTIONS and not isinstance(value, dict):
+            raise ConfigError(f"{origin}: section {key!r} must be a mapping of keys, got {_kind(value) or repr(value)}")
         if isinstance(value, dict):
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
@@ -59,30 +92,45 @@ def apply_overrides(cfg: Config, overrides: dict, origin: str = "override"):
         types = field_types(obj)
         if name not in types:
             raise ConfigError(f"{origin}: unknown key {key!r}; valid keys of {section}: {', '.join(types)}")
-        setattr(obj, name, _convert(key, value, types[name]))
+        try:
+            setattr(obj, name, _convert(key, value, types[name]))
+        except ConfigError as e:
+            raise ConfigError(str(e) if origin == "command line" else f"{origin}: {e}") from None
     return cfg
 
 
 def load_file(path: str) -> dict:
+    """A config file's mapping; every failure (unreadable, unparsable, not a mapping) a ConfigError naming the file."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no preset or file named {path!r}; presets: {', '.join(PRESETS)}")
+    if not path.endswith((".toml", ".yaml", ".yml", ".json")):
+        raise ConfigError(f"{path}: config files must end in .toml, .yaml, .yml or .json")
     try:
         if path.endswith(".toml"):
             with open(path, "rb") as f:
-                return tomllib.load(f)
-        if path.endswith((".yaml", ".yml")):
+                data = tomllib.load(f)
+        elif path.endswith(".json"):
+            with open(path) as f:
+                data = json.load(f)
+        else:
             try:
                 import yaml
             except ImportError:
                 raise ConfigError(f"{path}: reading YAML needs pyyaml (pip install pyyaml), or use TOML") from None
             with open(path) as f:
-                return yaml.safe_load(f) or {}
-        if path.endswith(".json"):
-            with open(path) as f:
-                return json.load(f)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot parse: {e}") from None
-    raise ConfigError(f"{path}: config files must end in .toml, .yaml, .yml or .json")
+                try:
+                    data = yaml.safe_load(f)
+                except yaml.YAMLError as e:
+                    mark = getattr(e, "problem_mark", None)
+                    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+                    raise ConfigError(f"{path}: cannot parse: {where}{getattr(e, 'problem', None) or e}") from None
+            data = {} if data is None else data  # an empty YAML file
+    except (ValueError, OSError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors, as is bad UTF-8
+        raise ConfigError(f"{path}: cannot parse: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (section: {{key: value}}), got "
+                          f"{_kind(data) or type(data).__name__}")
+    return data
 
 
 def parse_argv(argv):
@@ -118,7 +166,7 @@ def resolve_config(argv) -> Config:
         data = load_file(source)
         preset = data.pop("preset", None)
         if preset is not None:
-            if preset not in PRESETS:
+            if not isinstance(preset, str) or preset not in PRESETS:
                 raise ConfigError(f"{source}: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
             apply_overrides(cfg, PRESETS[preset](), origin=f"preset {preset}")
         apply_overrides(cfg, data, origin=source)

@@ -1,6 +1,7 @@
 """Config: presets, files, --section.key=value overrides, typed values and errors that name the key."""
 
 import json
+import sys
 
 import pytest
 
@@ -94,3 +95,83 @@ def test_precision_keys(tmp_path):
     for name in ("imagenet-B2", "imagenet-XL2"):  # bf16 with fp32 tangents (reason in config._imagenet)
         train = resolve_config(["--config", name, f"--data.root={tmp_path}"]).train
         assert (train.precision, train.tangent_precision, train.tf32) == ("bf16", "fp32", True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hardening: every bad file or value is one line naming the file or key, exit 2, never a traceback
+# ----------------------------------------------------------------------------------------------------------------------
+BAD_FILES = [
+    # (file name, text, what the message must hold besides the file name)
+    ("syntax.yaml", "train:\n  steps: [3\n  out: x\n", ["cannot parse", "line "]),
+    ("tabs.yaml", "train:\n\tsteps: 3\n", ["cannot parse"]),
+    ("list.yaml", "- preset: smoke\n- train: 3\n", ["top level must be a mapping", "a list"]),
+    ("scalar.json", "42\n", ["top level must be a mapping"]),
+    ("syntax.json", '{"train": {"steps": 3,}}', ["cannot parse"]),
+    ("list_for_int.toml", "[train]\nsteps = [1, 2]\n", ["train.steps", "expected a single int", "a list"]),
+    ("map_for_float.yaml", "optim:\n  lr: {a: 1}\n", ["optim.lr", "a mapping"]),
+    ("empty_value.yaml", "train:\n  steps:\n", ["train.steps", "no value"]),
+    ("section_scalar.toml", "train = 5\n", ["section 'train' must be a mapping"]),
+    ("nan_lr.toml", "[optim]\nlr = nan\n", ["optim.lr", "finite"]),
+    ("inf_lr.yaml", "optim:\n  lr: .inf\n", ["optim.lr", "finite"]),
+    ("inf_lr.json", '{"optim": {"lr": Infinity}}', ["optim.lr", "finite"]),
+    ("half_step.toml", "[train]\nsteps = 2.5\n", ["train.steps", "as int"]),
+    ("half_step.yaml", "train:\n  steps: 2.5\n", ["train.steps", "as int"]),
+    ("list_for_str.toml", "[train]\nout = ['a', 'b']\n", ["train.out", "a list"]),
+    ("list_preset.yaml", "preset: [smoke]\n", ["unknown preset"]),
+]
+
+
+@pytest.mark.parametrize("name,text,needles", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_config_files_name_the_file(name, text, needles, tmp_path):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        resolve_config(["--config", str(path)])
+    msg = str(e.value)
+    for needle in [str(path), *needles]:
+        assert needle in msg, (needle, msg)
+
+
+@pytest.mark.parametrize("arg,needles", [
+    ("--optim.lr=nan", ["optim.lr", "finite", "'nan'"]),
+    ("--optim.lr=inf", ["optim.lr", "finite", "'inf'"]),
+    ("--objective.cfg_w=-inf", ["objective.cfg_w", "finite"]),
+    ("--data.scale=1e999", ["data.scale", "finite"]),
+    ("--train.steps=2.5", ["train.steps", "as int"]),
+    ("--train.steps=nan", ["train.steps", "as int"]),
+    ("--train.steps=inf", ["train.steps", "as int"]),
+])
+def test_bad_numbers_on_the_command_line_name_the_key(arg, needles):
+    with pytest.raises(ConfigError) as e:
+        resolve_config(["--config", "smoke", arg])
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
+@pytest.mark.parametrize("written,value", [("1e3", 1000), ("2.0", 2), ("1_000", 1000), ("12", 12)])
+def test_integral_numbers_read_as_int_in_files_and_on_the_command_line(written, value, tmp_path):
+    cli = resolve_config(["--config", "smoke", f"--train.steps={written}"]).train.steps
+    toml = tmp_path / "a.toml"
+    toml.write_text(f"[train]\nsteps = {written}\n")
+    yaml = tmp_path / "a.yaml"
+    yaml.write_text(f"train:\n  steps: {written}\n")
+    json_file = tmp_path / "a.json"
+    json_file.write_text(json.dumps({"train": {"steps": written}}))  # as a string: JSON has no 1_000
+    got = [cli] + [resolve_config(["--config", str(p)]).train.steps for p in (toml, yaml, json_file)]
+    assert got == [value] * 4 and all(type(v) is int for v in got)
+
+
+def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
+    from tests.meanflow.cli import cli_env, run
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: [3\n")
+    for args, needles in [(["--config", str(bad)], [str(bad), "cannot parse"]),
+                          (["--config", "smoke", "--optim.lr=nan"], ["optim.lr", "finite"]),
+                          (["--config", "smoke", "--train.steps=2.5"], ["train.steps"])]:
+        p = run([sys.executable, "-m", "meanflow.train", *args, "--print-config"], cli_env(tmp_path / "cache"),
+                check=False)
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        for needle in needles:
+            assert needle in p.stderr, (needle, p.stderr)
