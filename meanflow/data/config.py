@@ -23,6 +23,7 @@ class DataConfig:
     scale: float = 1.0  # multiply every sample by this (e.g. 0.18215 for SD-VAE latents)
     loader: str = "auto"  # "dali", "torch", or "auto" (DALI if importable, else the torch fallback)
     num_workers: int = 2  # torch DataLoader workers / DALI threads
+    skip_nonfinite: bool = False  # items holding NaN/inf: false stops the run naming them; true skips their steps
 
     def validate(self) -> None:
         """Raise DataError naming the `data.*` key of the first bad value."""

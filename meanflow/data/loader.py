@@ -45,6 +45,18 @@ class Loader:
         idx = rank_steps(perm, self.global_batch, self.world_size, self.rank, start_step)  # (S, B)
         return self._reader.batches(idx, None if flip is None else flip[idx])
 
+    def step_items(self, epoch: int, step: int) -> np.ndarray:
+        """Item indices (global_batch,) of global step `step` of `epoch`: every rank's rows, rank 0's first (rank r
+        reads [r * local_batch:(r + 1) * local_batch]), so a row of any rank's batch maps back to its file."""
+        self._check(epoch, step)
+        perm, _ = epoch_order(self.num_items, self.seed, epoch, False)
+        return perm[step * self.global_batch : (step + 1) * self.global_batch]
+
+    def describe(self, item: int) -> str:
+        """The file of an item, with its index (for the mnist source, the file is in the cache)."""
+        where = " of the mnist cache" if self.cfg.source == "mnist" else ""
+        return f"{self.index.files[item]} (item {int(item)}{where})"
+
     def __len__(self) -> int:
         return self.steps_per_epoch
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from meanflow.data import build_loader
+from meanflow.data import DataError, build_loader
 from meanflow.ema import EMA
 from meanflow.errors import ConfigError
 from meanflow.images import save_samples
@@ -82,7 +82,7 @@ class Trainer:
     def __init__(self, cfg, dist):
         self.cfg, self.d = cfg, dist
         self.run_dir = cfg.train.out
-        self.bad_steps = self.skipped_steps = 0
+        self.bad_steps = self.skipped_steps = self.skipped_items = 0
 
     # ------------------------------------------------------------------------------------------------------------------
     # setup
@@ -148,7 +148,7 @@ class Trainer:
             for x, y in self.batches(metrics):
                 finite, loss, mse, grad_norm = self.train_step(x, y)
                 self.step += 1
-                self._count_bad_steps(finite, loss, grad_norm)
+                self._count_bad_steps(finite, loss, grad_norm, x)
                 metrics.step_done(self.step, loss, mse, grad_norm, lr_at(cfg.optim, self.step - 1),
                                   self.skipped_steps)
                 if checkpointing.due(cfg.checkpoint, self.step, cfg.train.steps):
@@ -171,9 +171,25 @@ class Trainer:
                 x, y = batch
                 yield x.to(self.d.device, non_blocking=True), (y.to(self.d.device) if labels else None)
 
-    def _count_bad_steps(self, finite, loss, grad_norm):
+    def _count_bad_steps(self, finite, loss, grad_norm, x):
+        """After a step (self.step counts it): a non-finite step is blamed on its data when any rank's x holds
+        NaN/inf (a DataError naming the files, or, with data.skip_nonfinite, a skipped step that does not count
+        toward train.max_bad_steps), else on the optimisation (train.max_bad_steps in a row: TrainingDiverged)."""
         if finite:
             self.bad_steps = 0
+            return
+        bad_items = self._nonfinite_items(x, self.step - 1)
+        if len(bad_items):
+            names = ", ".join(self.loader.describe(i) for i in bad_items[:5])
+            names += f" and {len(bad_items) - 5} more" if len(bad_items) > 5 else ""
+            if not self.cfg.data.skip_nonfinite:
+                raise DataError(f"step {self.step}: the data holds NaN or inf values in {names}: fix or remove "
+                                f"{'it' if len(bad_items) == 1 else 'them'}, or set --data.skip_nonfinite=true to skip "
+                                "the steps that read them")
+            self.skipped_steps, self.skipped_items = self.skipped_steps + 1, self.skipped_items + len(bad_items)
+            if self.d.is_main:
+                log.warning("step %d: step skipped, its data holds NaN or inf values in %s (data.skip_nonfinite; "
+                            "%d non-finite items skipped so far)", self.step, names, self.skipped_items)
             return
         self.bad_steps, self.skipped_steps = self.bad_steps + 1, self.skipped_steps + 1
         if self.d.is_main:
@@ -182,9 +198,20 @@ class Trainer:
         if self.bad_steps >= self.cfg.train.max_bad_steps:
             raise TrainingDiverged(
                 f"training diverged: {self.bad_steps} consecutive non-finite steps, the last at step {self.step}; "
-                f"the last good checkpoint is left untouched in {self.run_dir}/checkpoints "
-                "(lower optim.lr or raise optim.warmup_steps)"
+                f"the last good checkpoint is left untouched in {self.run_dir}/checkpoints; the data of these steps "
+                "is finite, so the optimisation is unstable (lower optim.lr or raise optim.warmup_steps)"
             )
+
+    def _nonfinite_items(self, x, step):
+        """Item indices of the rows of global step `step` that hold NaN/inf, on every rank alike (one all-reduce of
+        a flag per global row, so every rank takes the same decision and names the same files)."""
+        G, lb, rank = self.cfg.train.global_batch, self.cfg.train.global_batch // self.d.world_size, self.d.rank
+        flags = torch.zeros(G, device=x.device)  # (G,)
+        flags[rank * lb : (rank + 1) * lb] = (~torch.isfinite(x.flatten(1)).all(dim=1)).float()  # (B,)
+        flags = self.d.all_reduce_mean(flags)  # > 0 where some rank's row is bad
+        spe = self.loader.steps_per_epoch
+        items = self.loader.step_items(step // spe, step % spe)  # (G,)
+        return items[(flags > 0).cpu().numpy()]
 
     def train_step(self, x, y):
         """One optimizer step on this rank's rows of the global batch; returns (finite, loss, mse, grad norm), the

