@@ -6,10 +6,15 @@
     python -m meanflow.train --config smoke --print-config  # the resolved config as JSON (a valid --config file)
 
 Parse the config, join the process group, train (meanflow.trainer), exit: 0 when done, 2 with one line naming the
-problem for bad input (config, data, run folder, checkpoint) or a diverged run.
+problem for bad input (config, data, run folder, checkpoint) or a diverged run, 75 (PREEMPTED, EX_TEMPFAIL) after
+SIGTERM or SIGINT: every rank finishes its step, one checkpoint is written there, and re-running the same command
+resumes from it; a second signal exits at once, without a checkpoint (meanflow.trainer.preemption). Under torchrun
+give the save time to finish: torchrun forwards the signal, then kills the workers after --shutdown-timeout
+(default 30 s).
 """
 
 import logging
+import signal
 import sys
 
 from meanflow.checkpoint import CheckpointError
@@ -17,6 +22,7 @@ from meanflow.config import ConfigError, config_json, help_text, resolve_config
 from meanflow.data import DataError
 from meanflow.distributed import PeerFailed, init_distributed, shutdown
 from meanflow.trainer.loop import Trainer, TrainingDiverged
+from meanflow.trainer.preemption import PREEMPTED, Preempted
 from meanflow.trainer.run_folder import RunFolderError
 
 FAILURES = (ConfigError, DataError, CheckpointError, RunFolderError, TrainingDiverged, PeerFailed)
@@ -42,6 +48,13 @@ def main(argv=None) -> int:
     except FAILURES as e:
         print(f"meanflow.train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Preempted as e:
+        if d.is_main:
+            print(f"meanflow.train: {e}", file=sys.stderr, flush=True)
+        return PREEMPTED
+    except KeyboardInterrupt:  # Ctrl-C before the trainer installs its own handlers
+        print("meanflow.train: interrupted before training started", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     finally:
         if d is not None:
             shutdown(d)

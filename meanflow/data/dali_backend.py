@@ -76,6 +76,9 @@ class DaliReader:
         pipe.build()
         return pipe
 
+    def close(self):
+        """Nothing to end: each epoch's pipeline (and its threads) goes with that epoch's generator."""
+
     def batches(self, idx: np.ndarray, flip: np.ndarray | None):
         """Yield (x, y) for each row of idx (S, B); flip (S, B) bool or None."""
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy

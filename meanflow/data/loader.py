@@ -60,6 +60,10 @@ class Loader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
+    def close(self):
+        """End the reader's worker processes or threads now (the trainer calls it however its loop ends)."""
+        self._reader.close()
+
     def _check(self, epoch, start_step):
         if not (isinstance(epoch, (int, np.integer)) and epoch >= 0):
             raise DataError(f"epoch must be an integer >= 0, got {epoch!r}")

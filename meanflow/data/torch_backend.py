@@ -10,6 +10,8 @@ workers stay stateless and the batch sampler alone carries the order.
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -65,6 +67,14 @@ class ItemDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(x)), int(self.labels[i])
 
 
+def _leave_stop_signals_to_the_trainer(_worker_id):
+    """Workers ignore SIGTERM and SIGINT (a terminal's Ctrl-C and a scheduler's SIGTERM reach every process): a
+    worker killed by one makes the trainer's next batch, or its SIGCHLD handler, raise while the trainer is still
+    finishing its step and saving (meanflow.trainer.preemption); the trainer shuts the workers down itself."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _PlanSampler:
     """Batch sampler replaying the current epoch's plan; swapped per epoch so persistent workers survive."""
 
@@ -93,6 +103,7 @@ class TorchReader:
             batch_sampler=self.sampler,
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
+            worker_init_fn=_leave_stop_signals_to_the_trainer,
         )
 
     def batches(self, idx: np.ndarray, flip: np.ndarray | None):
@@ -101,3 +112,10 @@ class TorchReader:
             flip = np.zeros(idx.shape, bool)
         self.sampler.batches = [list(zip(r.tolist(), f.tolist())) for r, f in zip(idx, flip)]
         yield from self.loader
+
+    def close(self):
+        """Shut the persistent workers down now: left to garbage collection they outlive the trainer's process by
+        seconds (or, when it dies, until their parent-watchdog notices)."""
+        it, self.loader._iterator = getattr(self.loader, "_iterator", None), None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()

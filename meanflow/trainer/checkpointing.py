@@ -23,13 +23,27 @@ def due(cfg: CheckpointConfig, step: int, total: int) -> bool:
     return step % cfg.every == 0 and step < total
 
 
+# Work a crash (or SIGKILL) may lose between checkpoints before the run warns; SIGTERM and SIGINT save first
+# (meanflow.trainer.preemption), so this bounds only what they cannot catch.
+LOSS_WARN_MINUTES = 30
+
+
+def warn_about_cadence(cfg: CheckpointConfig, step_time_s: float, log):
+    """One warning when checkpoint.every steps at the measured step time exceed LOSS_WARN_MINUTES."""
+    minutes = cfg.every * step_time_s / 60
+    if minutes > LOSS_WARN_MINUTES:
+        log.warning("checkpoint.every=%d at %.3f s/step: a crash or SIGKILL can lose up to %.0f min of training "
+                    "(SIGTERM and SIGINT save first); lower checkpoint.every to shorten that", cfg.every, step_time_s,
+                    minutes)
+
+
 def save(trainer):
     """Write the trainer's model, EMA and optimizer at its step, with the resolved config and the data position."""
     spe = trainer.loader.steps_per_epoch
     meta = {"config": trainer.cfg.to_dict(), "epoch": trainer.step // spe, "position": trainer.step % spe,
             "rng": "per-step generators seeded by (train.seed, step): no state to restore"}
-    save_checkpoint(trainer.d, trainer.run_dir, trainer.step, trainer.model, trainer.ema.module, trainer.optimizer,
-                    meta, keep_last=trainer.cfg.checkpoint.keep_last)
+    return save_checkpoint(trainer.d, trainer.run_dir, trainer.step, trainer.model, trainer.ema.module,
+                           trainer.optimizer, meta, keep_last=trainer.cfg.checkpoint.keep_last)
 
 
 def resume(path, trainer, log):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from meanflow.checkpoint import checkpoint_root
 from meanflow.data import DataError, build_loader
 from meanflow.ema import EMA
 from meanflow.errors import ConfigError
@@ -29,6 +30,7 @@ from meanflow.sampling import grid_classes, sample_grid
 from meanflow.trainer import checkpointing
 from meanflow.trainer.metrics import MetricsLog, tensorboard_factory
 from meanflow.trainer.optim import build_optimizer, lr_at, set_lr
+from meanflow.trainer.preemption import Preempted, StopWatch
 from meanflow.trainer.run_folder import inspect_run_folder, prepare_run_folder
 from meanflow.trainer.summary import format_summary, run_summary
 
@@ -140,21 +142,42 @@ class Trainer:
     # the loop
 
     def run(self):
+        """Train; raises Preempted after saving when SIGTERM or SIGINT arrived (meanflow.trainer.preemption)."""
+        with StopWatch() as stop:
+            try:
+                self._run(stop)
+            finally:  # a DataLoader's persistent workers would otherwise outlive the trainer
+                if hasattr(self, "loader"):
+                    self.loader.close()
+
+    def _run(self, stop):
         self.setup()
         cfg, d = self.cfg, self.d
         metrics = MetricsLog(cfg.log, self.run_dir, active=d.is_main, total=cfg.train.steps, start=self.step,
                              global_batch=cfg.train.global_batch, device=d.device, tensorboard=self.tensorboard)
+        saved_at, saved = self.resumed_at, None  # a finished run restarted has nothing new to save
         with metrics:
             for x, y in self.batches(metrics):
                 finite, loss, mse, grad_norm = self.train_step(x, y)
                 self.step += 1
                 self._count_bad_steps(finite, loss, grad_norm, x)
-                metrics.step_done(self.step, loss, mse, grad_norm, lr_at(cfg.optim, self.step - 1),
-                                  self.skipped_steps)
-                if checkpointing.due(cfg.checkpoint, self.step, cfg.train.steps):
-                    checkpointing.save(self)
-        if self.resumed_at != self.step:  # a finished run restarted has nothing new to save
-            checkpointing.save(self)
+                logged = metrics.step_done(self.step, loss, mse, grad_norm, lr_at(cfg.optim, self.step - 1),
+                                           self.skipped_steps)
+                if logged and metrics.lines == 2 and d.is_main:  # the first line's step time includes start-up
+                    checkpointing.warn_about_cadence(cfg.checkpoint, metrics.last_step_time_s, log)
+                stopping = stop.agreed(d)  # every rank the same answer, so every rank saves the same step
+                if stopping or checkpointing.due(cfg.checkpoint, self.step, cfg.train.steps):
+                    if stopping and d.is_main:
+                        log.info("%s: saving a checkpoint at step %d (a second signal exits at once, without one)",
+                                 stop.signame, self.step)
+                    start = time.perf_counter()
+                    saved, saved_at = checkpointing.save(self), self.step
+                    if stopping:
+                        raise Preempted(self.step, saved, stop.signame, time.perf_counter() - start)
+        if saved_at != self.step:
+            saved = checkpointing.save(self)
+        if stop.agreed(d):  # a signal during the final save: the run is complete but for its samples
+            raise Preempted(self.step, saved or checkpoint_root(self.run_dir), stop.signame)
         self.write_samples()
 
     def batches(self, metrics):

@@ -55,6 +55,7 @@ class MetricsLog:
         self.global_batch, self.device, self._tensorboard = global_batch, device, tensorboard
         self.path = os.path.join(run_dir, METRICS)
         self.file = self.board = self.bar = None
+        self.lines, self.last_step_time_s = 0, None  # metrics lines written so far, and the latest one's step time
         self._window()
 
     def __enter__(self):
@@ -81,12 +82,15 @@ class MetricsLog:
         """Time spent waiting for a batch (reported as data_wait_frac)."""
         self.wait += seconds
 
-    def step_done(self, step, loss, mse, grad_norm, lr, skipped):
+    def step_done(self, step, loss, mse, grad_norm, lr, skipped) -> bool:
+        """Count a step; True when it wrote a metrics line."""
         self.steps += 1
-        if step % self.cfg.every == 0 or step == self.total:
+        line = step % self.cfg.every == 0 or step == self.total
+        if line:
             self._write(step, loss, mse, grad_norm, lr, skipped)
         if self.bar is not None:
             self.bar.update(1)
+        return line
 
     def _write(self, step, loss, mse, grad_norm, lr, skipped):
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
@@ -95,6 +99,7 @@ class MetricsLog:
                "data_wait_frac": self.wait / elapsed, "peak_mem_mib": peak_memory_mib(self.device),
                "skipped_steps": skipped}
         self._window()
+        self.lines, self.last_step_time_s = self.lines + 1, row["step_time_s"]
         if not self.active:
             return
         self.file.write(json.dumps(row) + "\n")
