@@ -6,7 +6,9 @@ machine. The sampler itself is the library function meanflow.sampling.sample.
 
 Conditional models lay the grid out one row per class (up to 10 classes, evenly spaced). The same --n and --seed
 give the same noise and labels as the grid the trainer writes at the end (seed = train.seed, n = rows x
-train.samples_at_end). The last line of standard output is a JSON object saying what was written.
+train.samples_at_end). The last line of standard output is a JSON object saying what was written. What can be
+checked before sampling is (--device, the folder --out writes into, --seed >= 0), and samples holding NaN or inf are
+refused rather than written: exit 2 with one line naming the checkpoint.
 """
 
 import argparse
@@ -39,6 +41,32 @@ def load_run(run_dir, checkpoint=None, device="cpu"):
     return cfg, model.to(device).eval(), checkpoint, int(meta["step"])
 
 
+def check_device(text) -> torch.device:
+    """--device as a torch.device this machine has, or a ConfigError saying why not (before any loading)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device {text!r}; valid: cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: {text!r} is not supported; valid: cpu, cuda, cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no usable GPU"
+            raise ConfigError(f"--device: {text} asked for, but CUDA is not available ({build}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device: {text} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def check_out_folder(out):
+    """Before any sampling: the folder --out writes into exists and is writable."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--out {out}: the folder {folder} does not exist (create it first)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: the folder {folder} is not writable")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m meanflow.sample", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="run folder written by meanflow.train")
@@ -57,7 +85,12 @@ def main(argv=None) -> int:
         out = args.out or os.path.join(args.run, f"samples_{args.steps}nfe.png")
         if not out.endswith((".png", ".npz")):
             raise ConfigError(f"--out must end in .png or .npz, got {out}")
-        cfg, model, ckpt, step = load_run(args.run, args.checkpoint, args.device)
+        if args.seed is not None and args.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+        device = check_device(args.device)
+        if args.out is not None or os.path.isdir(args.run):  # a missing --run is load_run's to name
+            check_out_folder(out)
+        cfg, model, ckpt, step = load_run(args.run, args.checkpoint, device)
         seed = cfg.train.seed if args.seed is None else args.seed
         shape = (cfg.model.in_channels,) if cfg.model.name == "MLP" else (
             cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
@@ -67,7 +100,11 @@ def main(argv=None) -> int:
             raise ConfigError(f"--out {out}: PNG output needs 1- or 3-channel image data, but this run's "
                               f"{cfg.model.name} makes {made}; use --out FILE.npz")
         x, _, rows = sample_grid(model, args.n, num_classes=cfg.model.num_classes, sample_shape=shape, seed=seed,
-                                 steps=args.steps, device=args.device)
+                                 steps=args.steps, device=device)
+        bad = int((~torch.isfinite(x.flatten(1)).all(dim=1)).sum())
+        if bad:
+            raise CheckpointError(f"checkpoint {ckpt} (step {step}): {bad} of {args.n} samples hold NaN or inf "
+                                  "values (its EMA weights are not finite, or the model overflows): nothing written")
         save_samples(out, x, rows)
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"meanflow.sample: error: {e}", file=sys.stderr)

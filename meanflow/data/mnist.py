@@ -9,7 +9,8 @@ as (p - 127.5) / 127.5, the 28x28 digits are padded with -1 to 32x32, and each d
 where <base> is data.root, else $MEANFLOW_CACHE, else ~/.cache/meanflow. The cache is built in a temporary
 folder beside it and renamed into place (os.replace), so it is either absent or complete: a crash leaves at most a
 hidden `.mnist5k.tmp-*` folder, never a half cache. Concurrent builders (several ranks) race harmlessly: the first
-rename wins and the others discard their copy.
+rename wins and the others discard their copy. Folders and files get the modes the umask gives (a cache shared by a
+group stays readable to it), not tempfile.mkdtemp's private 0700.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shutil
-import tempfile
 
 import numpy as np
 
@@ -76,7 +77,8 @@ def ensure_mnist_cache(root: str = "") -> str:
     base = os.path.dirname(cache)
     try:
         os.makedirs(base, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".mnist5k.tmp-", dir=base)
+        tmp = os.path.join(base, f".mnist5k.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        os.mkdir(tmp)  # mode 0777 less the umask; the name is unique to this process, as mkdtemp's would be
     except OSError as e:
         raise DataError(f"cannot create the mnist cache under {base}: {e} (set data.root or $MEANFLOW_CACHE)") from None
     try:

