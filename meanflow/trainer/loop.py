@@ -3,8 +3,10 @@
     Trainer(cfg, dist).run()
 
 setup() checks everything that can fail before the run folder is touched (the world size, the data against the
-model, the run folder, TensorBoard), builds the model, its EMA (fp32, sharded like the model), parallelism and the
-optimizer, resumes from the newest complete checkpoint, and writes config.json and summary.json. run() trains to
+model, the run folder, the config against the checkpoint's (meanflow.trainer.config_change; False: the checkpoint
+is at train.steps, nothing to do), TensorBoard), takes the run folder's lock (meanflow.trainer.run_lock), builds the
+model, its EMA (fp32, sharded like the model), parallelism and the optimizer, resumes from the newest
+complete checkpoint, and writes config.json and summary.json. run() trains to
 train.steps, with a checkpoint every checkpoint.every steps and one at the end, then writes samples.png. Every
 step's randomness comes from (train.seed, step) alone, so the world size and a resume never change it.
 """
@@ -27,11 +29,12 @@ from meanflow.models.layers import TANGENT_PRECISIONS
 from meanflow.objective import draw, meanflow_loss
 from meanflow.parallel import parallelize, precision_dtype, set_tf32
 from meanflow.sampling import grid_classes, sample_grid
-from meanflow.trainer import checkpointing
+from meanflow.trainer import checkpointing, config_change
 from meanflow.trainer.metrics import MetricsLog, tensorboard_factory
-from meanflow.trainer.optim import build_optimizer, lr_at, set_lr
+from meanflow.trainer.optim import build_optimizer, lr_at, set_hyperparameters, set_lr
 from meanflow.trainer.preemption import Preempted, StopWatch
 from meanflow.trainer.run_folder import inspect_run_folder, prepare_run_folder
+from meanflow.trainer.run_lock import RunLock
 from meanflow.trainer.summary import format_summary, run_summary
 
 log = logging.getLogger("meanflow.train")
@@ -50,6 +53,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     samples_at_end: int = 10  # samples per class in samples.png written at the end (0: none)
+    allow_config_change: bool = False  # resume even if train.global_batch/seed, objective.* or data.* changed
 
     def validate(self):
         if self.steps <= 0:
@@ -84,6 +88,7 @@ class Trainer:
     def __init__(self, cfg, dist):
         self.cfg, self.d = cfg, dist
         self.run_dir = cfg.train.out
+        self.run_lock = RunLock(self.run_dir)  # one trainer per run folder, from setup to the end of run()
         self.bad_steps = self.skipped_steps = self.skipped_items = 0
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -98,13 +103,19 @@ class Trainer:
         self._check_data_fits_model()
         resume = inspect_run_folder(self.run_dir, cfg.model)
         self.tensorboard = tensorboard_factory(cfg.log, self.run_dir) if d.is_main else None
+        if resume is not None and not config_change.review(resume, cfg, d.is_main):
+            return False  # the checkpoint is at or past train.steps
+        d.run_on_main(self.run_lock.acquire)  # before rank 0 writes anything; a busy folder stops every rank
         self._build_model()
         self.step = checkpointing.resume(resume, self, log) if resume is not None else 0
+        if resume is not None:  # the checkpoint's optimizer state brought its own lr, betas and weight decay
+            set_hyperparameters(self.optimizer, cfg.optim, self.step)
         self.resumed_at = self.step if resume is not None else None
         summary = run_summary(self)
         if d.is_main:
             log.info("%s", format_summary(summary))
         d.run_on_main(prepare_run_folder, self.run_dir, self.step, cfg.to_dict(), summary)
+        return True
 
     def _build_model(self):
         cfg, d = self.cfg, self.d
@@ -149,9 +160,11 @@ class Trainer:
             finally:  # a DataLoader's persistent workers would otherwise outlive the trainer
                 if hasattr(self, "loader"):
                     self.loader.close()
+                self.run_lock.release()
 
     def _run(self, stop):
-        self.setup()
+        if not self.setup():
+            return
         cfg, d = self.cfg, self.d
         metrics = MetricsLog(cfg.log, self.run_dir, active=d.is_main, total=cfg.train.steps, start=self.step,
                              global_batch=cfg.train.global_batch, device=d.device, tensorboard=self.tensorboard)

@@ -40,6 +40,13 @@ def lr_at(cfg: OptimConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
 
+def set_hyperparameters(optimizer, cfg: OptimConfig, step: int):
+    """Write the config's lr (at this step), betas and weight decay into every param group: loading an optimizer state
+    restores the values it was saved with, which would otherwise silently win over a changed config."""
+    for group in optimizer.param_groups:
+        group["lr"], group["betas"], group["weight_decay"] = lr_at(cfg, step), (cfg.beta1, cfg.beta2), cfg.weight_decay
+
+
 def set_lr(optimizer, lr: float):
     for group in optimizer.param_groups:
         group["lr"] = lr

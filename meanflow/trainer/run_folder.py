@@ -1,6 +1,8 @@
 """The run folder: is it ours and what does it resume from (read-only checks first), then its files.
 
     <train.out>/config.json      the resolved config of the latest start
+    <train.out>/config.<step>.json  an earlier start's config.json, kept when a resume changed it (never deleted)
+    <train.out>/.lock            the advisory lock of the trainer writing here (meanflow.trainer.run_lock)
     <train.out>/summary.json     what the run ran on (meanflow.trainer.summary)
     <train.out>/metrics.jsonl    one line per logged step (meanflow.trainer.metrics)
     <train.out>/checkpoints/     step-N folders (meanflow.checkpoint)
@@ -14,6 +16,7 @@ from meanflow.checkpoint import latest_checkpoint, read_meta, write_json_atomic
 from meanflow.models.config import ModelConfig
 
 METRICS = "metrics.jsonl"
+LOCK = ".lock"  # its text names the holder; a leftover one means nothing once its process is gone
 
 
 class RunFolderError(ValueError):
@@ -27,7 +30,7 @@ def inspect_run_folder(run_dir, model_cfg: ModelConfig):
         return None
     if not os.path.isdir(run_dir):
         raise RunFolderError(f"train.out: {run_dir} exists and is not a folder")
-    if not os.listdir(run_dir):
+    if not [name for name in os.listdir(run_dir) if name != LOCK]:  # a trainer that died before writing anything
         return None
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         raise RunFolderError(
@@ -60,10 +63,31 @@ def prepare_run_folder(run_dir, step, config: dict, summary: dict):
     try:
         os.makedirs(run_dir, exist_ok=True)
         truncate_metrics(os.path.join(run_dir, METRICS), step)
+        keep_previous_config(run_dir, step, config)
         write_json_atomic(os.path.join(run_dir, "config.json"), config)
         write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     except OSError as e:
         raise RunFolderError(f"train.out: cannot write the run folder {run_dir}: {e}") from None
+
+
+def keep_previous_config(run_dir, step, config: dict):
+    """Rename a config.json that differs from the config about to run to config.<step>.json, step being where the run
+    resumes (what is left of the earlier start's work); a name already taken gets a suffix: nothing is overwritten."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except FileNotFoundError:
+        return
+    except json.JSONDecodeError:  # a config.json cut short is still kept, under its own name
+        previous = None
+    if previous == json.loads(json.dumps(config)):  # through JSON: tuples and lists compare alike
+        return
+    name, n = f"config.{step}.json", 1
+    while os.path.exists(os.path.join(run_dir, name)):
+        n += 1
+        name = f"config.{step}-{n}.json"
+    os.rename(path, os.path.join(run_dir, name))
 
 
 def truncate_metrics(path, last_step):
