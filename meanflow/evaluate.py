@@ -1,7 +1,7 @@
 """FID of a run's newest checkpoint (EMA weights) at 1, 2, ... steps, against the run's own training data.
 
     python -m meanflow.evaluate --run runs/mnist-demo [--steps 1,2] [--n 1000] [--batch 50] [--seed S]
-                                [--device cpu|cuda] [--checkpoint DIR] [--no-floor]
+                                [--device cpu|cuda] [--checkpoint DIR] [--no-floor] [--no-verify]
 
 Samples: n per step count from one seeded noise tensor (seed = --seed, default the run's train.seed), the same noise
 and labels for every step count so that 1- and 2-NFE are compared on paired draws. Conditional models get labels
@@ -14,7 +14,8 @@ the value a perfect model would get at this n. Small n inflate FID, so compare n
 
 Standard output's last line is one JSON object, also written to RUN/eval_step_<step>.json:
     {"fid_1nfe": ..., "fid_2nfe": ..., "n": N, "step": S, "checkpoint": PATH, "real_vs_real_floor": ..., ...}
-Progress goes to standard error. Bad input exits with status 2 and `meanflow.evaluate: error: ...`.
+Progress goes to standard error. Bad input exits with status 2 and `meanflow.evaluate: error: ...`; so does a
+damaged checkpoint (checked as meanflow.sample does: named with the next newest, nothing set aside).
 """
 
 import argparse
@@ -170,7 +171,7 @@ def evaluate(args) -> dict:
         raise ConfigError(f"--device: unknown device {args.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device: {args.device} asked for, but CUDA is not available")
-    cfg, model, ckpt, step = load_run(args.run, args.checkpoint, device)
+    cfg, model, ckpt, step = load_run(args.run, args.checkpoint, device, not args.no_verify, "meanflow.evaluate")
     if cfg.model.name == "MLP" or cfg.model.in_channels not in (1, 3):
         raise ConfigError(f"--run: FID needs a model of 1- or 3-channel images; this run's {cfg.model.name} makes "
                           f"{cfg.model.in_channels}-channel data (decode latents to images first)")
@@ -206,6 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder instead of the newest one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-floor", action="store_true", help="skip the real-vs-real floor (saves n real images)")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's SHA-256 sums")
     args = p.parse_args(argv)
     try:
         result = evaluate(args)

@@ -2,13 +2,17 @@
 machine. The sampler itself is the library function meanflow.sampling.sample.
 
     python -m meanflow.sample --run runs/mnist-demo [--steps 1] [--n 64] [--out samples.png|samples.npz]
-                              [--seed 0] [--checkpoint DIR] [--device cpu|cuda]
+                              [--seed 0] [--checkpoint DIR] [--device cpu|cuda] [--no-verify]
 
 Conditional models lay the grid out one row per class (up to 10 classes, evenly spaced). The same --n and --seed
 give the same noise and labels as the grid the trainer writes at the end (seed = train.seed, n = rows x
 train.samples_at_end). The last line of standard output is a JSON object saying what was written. What can be
 checked before sampling is (--device, the folder --out writes into, --seed >= 0), and samples holding NaN or inf are
 refused rather than written: exit 2 with one line naming the checkpoint.
+
+The checkpoint's files are checked against the sizes and SHA-256 sums stored at save (meanflow.checkpoint) first: a
+damaged one is named with the next newest to pass as --checkpoint, and the command exits 2 without touching the run
+folder (a trainer may be writing it; meanflow.train sets damaged checkpoints aside when it resumes).
 """
 
 import argparse
@@ -18,15 +22,24 @@ import sys
 
 import torch
 
-from meanflow.checkpoint import CheckpointError, latest_checkpoint, load_ema_weights, read_meta
+from meanflow.checkpoint import (
+    CheckpointDamaged,
+    CheckpointError,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_ema_weights,
+    read_meta,
+    verify_checkpoint,
+)
 from meanflow.config import ConfigError, config_from_dict
 from meanflow.images import save_samples
 from meanflow.models import create_model
 from meanflow.sampling import sample_grid
 
 
-def load_run(run_dir, checkpoint=None, device="cpu"):
-    """(config, EMA model in eval mode, checkpoint path, step) of a run's newest (or the given) checkpoint."""
+def load_run(run_dir, checkpoint=None, device="cpu", verify=True, prog="meanflow.sample"):
+    """(config, EMA model in eval mode, checkpoint path, step) of a run's newest (or the given) checkpoint, verified
+    first unless verify is false; a damaged one is a CheckpointError naming it and the next newest."""
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"--run: {run_dir} is not a folder")
     if checkpoint is None:
@@ -34,11 +47,27 @@ def load_run(run_dir, checkpoint=None, device="cpu"):
         if latest is None:
             raise CheckpointError(f"--run: {run_dir} holds no complete checkpoint (checkpoints/step_*/meta.json)")
         checkpoint = latest[1]
+    if verify:
+        _verify(run_dir, checkpoint, prog)
     meta = read_meta(checkpoint)
     cfg = config_from_dict(meta["config"])
     model = create_model(cfg.model.name, **cfg.model.build_kwargs())
     load_ema_weights(checkpoint, model)
     return cfg, model.to(device).eval(), checkpoint, int(meta["step"])
+
+
+def _verify(run_dir, checkpoint, prog):
+    try:
+        verified = verify_checkpoint(checkpoint)
+    except CheckpointDamaged as e:
+        here = os.path.realpath(checkpoint)
+        older = [p for _, p in complete_checkpoints(run_dir) if os.path.realpath(p) != here]
+        hint = f"pass --checkpoint {older[-1]} (the newest other one)" if older else "the run holds no other checkpoint"
+        raise CheckpointError(f"{e}; left in place: {hint}, or resume training (it sets damaged checkpoints "
+                              "aside)") from None
+    if not verified:
+        print(f"{prog}: warning: checkpoint {checkpoint} has no checksums (written before they were stored): it "
+              "cannot be verified", file=sys.stderr)
 
 
 def check_device(text) -> torch.device:
@@ -76,6 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's train.seed)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder instead of the newest one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's SHA-256 sums")
     args = p.parse_args(argv)
     try:
         if args.steps < 1:
@@ -90,7 +120,7 @@ def main(argv=None) -> int:
         device = check_device(args.device)
         if args.out is not None or os.path.isdir(args.run):  # a missing --run is load_run's to name
             check_out_folder(out)
-        cfg, model, ckpt, step = load_run(args.run, args.checkpoint, device)
+        cfg, model, ckpt, step = load_run(args.run, args.checkpoint, device, not args.no_verify)
         seed = cfg.train.seed if args.seed is None else args.seed
         shape = (cfg.model.in_channels,) if cfg.model.name == "MLP" else (
             cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)

@@ -1,15 +1,28 @@
 """The `checkpoint.*` section and the trainer's checkpoint cadence: when to save, what goes with a checkpoint, and
-resuming. The format itself (DCP, atomic rename, keep_last) lives in :mod:`meanflow.checkpoint`."""
+resuming. The format itself (DCP, atomic rename, keep_last, checksums) lives in :mod:`meanflow.checkpoint`."""
 
+import os
 from dataclasses import dataclass
 
-from meanflow.checkpoint import load_checkpoint, save_checkpoint
+import torch
+
+from meanflow.checkpoint import (
+    CheckpointDamaged,
+    CheckpointError,
+    checkpoint_root,
+    complete_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside,
+    verify_checkpoint,
+)
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 5000  # steps between checkpoints (one is always written at the end)
     keep_last: int = 3  # complete checkpoints kept; 0 keeps all
+    verify: bool = True  # check every file's size and SHA-256 before resuming (~0.7 s per GB); false skips it
 
     def validate(self):
         if self.every <= 0:
@@ -47,8 +60,77 @@ def save(trainer):
 
 
 def resume(path, trainer, log):
-    """Load a checkpoint into the trainer's model, EMA and optimizer; returns its step."""
-    meta = load_checkpoint(path, trainer.model, trainer.ema.module, trainer.optimizer)
-    if trainer.d.is_main:
-        log.info("resumed from %s (step %d, written by %d process(es))", path, meta["step"], meta["world_size"])
-    return int(meta["step"])
+    """Load the newest checkpoint that verifies and loads, from path (the newest) down, into the trainer's model, EMA
+    and optimizer; returns its step. One that fails is set aside (step_N.damaged-REASON, never deleted) with one
+    warning line, and the next newest is tried; a CheckpointError names them all when none is left.
+
+    Every rank takes the same decision: rank 0 alone reads and hashes the files (one read of the shared folder, not
+    one per rank) and broadcasts its verdict, and a load counts as failed when it failed on any rank. A checkpoint
+    whose files match their checksums but does not load is intact (another model or optimizer): it stays in place
+    and the run stops."""
+    d, verify = trainer.d, trainer.cfg.checkpoint.verify
+    candidates = d.broadcast_object(_newest_first(trainer.run_dir, path) if d.is_main else None)
+    damaged, warned = [], False
+    for i, ckpt in enumerate(candidates):
+        verdict, reason, detail = d.broadcast_object(_verdict(ckpt, verify) if d.is_main else None)
+        if verdict == "unverified" and d.is_main and not warned:
+            log.warning("checkpoint %s has no checksums (written before they were stored): it cannot be verified, "
+                        "loading it as it is", ckpt)
+            warned = True
+        if verdict != "damaged":
+            error = None
+            try:
+                meta = load_checkpoint(ckpt, trainer.model, trainer.ema.module, trainer.optimizer)
+            except CheckpointError as e:
+                error = e
+            failed = d.all_reduce_mean(torch.tensor([float(error is not None)], device=d.device)).item() > 0
+            if not failed:
+                if d.is_main:
+                    log.info("resumed from %s (step %d, written by %d process(es))", ckpt, meta["step"],
+                             meta["world_size"])
+                return int(meta["step"])
+            if verdict == "verified":
+                raise CheckpointError(f"{error or f'checkpoint {ckpt} failed to load on another rank'}; its files "
+                                      "match the checksums written at save, so it is left in place") from None
+            reason, detail = "load", (str(error).removeprefix(f"checkpoint {ckpt} ") if error else
+                                      "failed to load on another rank")
+        moved = _set_aside(d, ckpt, reason)
+        damaged.append((ckpt, moved, reason))
+        if d.is_main:
+            log.warning("checkpoint %s is damaged (%s): %s; set aside as %s, %s", ckpt, reason, detail,
+                        os.path.basename(moved), "trying the next newest" if i + 1 < len(candidates) else
+                        "no older checkpoint is left")
+    names = "; ".join(f"{ckpt} ({reason}, now {os.path.basename(moved)})" for ckpt, moved, reason in damaged)
+    raise CheckpointError(f"no checkpoint in {checkpoint_root(trainer.run_dir)} loads, all set aside: {names}. A "
+                          "rerun would start from step 0: rename one back to retry it")
+
+
+def _newest_first(run_dir, path):
+    found = [p for _, p in reversed(complete_checkpoints(run_dir))]
+    return found[found.index(path):] if path in found else [path, *found]
+
+
+def _verdict(path, verify):
+    """(verdict, reason, detail) of rank 0's look at a checkpoint: picklable, for broadcast_object."""
+    if not verify:
+        return "skipped", None, None
+    try:
+        return ("verified" if verify_checkpoint(path) else "unverified"), None, None
+    except CheckpointDamaged as e:
+        return "damaged", e.reason, e.detail
+    except OSError as e:  # a file vanished between looks, say: no rank may be left waiting for the verdict
+        return "damaged", "read", str(e)
+
+
+def _set_aside(d, path, reason):
+    """Rename on rank 0, every rank leaving with the new name."""
+    moved = []
+
+    def rename():
+        try:
+            moved.append(set_aside(path, reason))
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {path} is damaged ({reason}) and cannot be set aside: {e}") from None
+
+    d.run_on_main(rename)
+    return d.broadcast_object(moved[0] if moved else None)
