@@ -139,3 +139,19 @@ def test_sample_and_evaluate_name_a_damaged_checkpoint_and_exit_2(env, run_dir, 
         q = run([sys.executable, "-m", module, "--run", run_dir, "--n", "4", "--out", out, "--checkpoint",
                  ckpt(run_dir, PREVIOUS)], env)
         assert json.loads(q.stdout.strip().splitlines()[-1])["step"] == 2
+
+
+def test_two_processes_agree_on_a_shard_only_rank_1_wrote(env, tmp_path):
+    """Under torchrun: rank 1's shard cut short, verification off so the load itself fails (DCP's collective error);
+    both ranks set it aside together, resume from step 2 and finish."""
+    out = str(tmp_path / "two")
+    args = ["--checkpoint.every=2", "--checkpoint.keep_last=0"]
+    run(train_cmd(2, f"--train.out={out}", "--train.steps=4", *args), env)
+    os.truncate(os.path.join(ckpt(out, NEWEST), "__1_0.distcp"), 1000)
+    p = run(train_cmd(2, f"--train.out={out}", "--train.steps=6", "--checkpoint.verify=false", *args), env,
+            check=False)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"{NEWEST} is damaged (load)" in p.stderr and f"resumed from {ckpt(out, PREVIOUS)} (step 2" in p.stderr
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [PREVIOUS, NEWEST, f"{NEWEST}.damaged-load",
+                                                                    "step_00000006"]  # step 4 saved anew
+    assert [m["step"] for m in metrics(out)] == list(range(1, 7))
