@@ -96,41 +96,56 @@ def check_out_folder(out):
         raise ConfigError(f"--out {out}: the folder {folder} is not writable")
 
 
-def main(argv=None) -> int:
+def _parser():
     p = argparse.ArgumentParser(prog="python -m meanflow.sample", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="run folder written by meanflow.train")
     p.add_argument("--steps", type=int, default=1, help="number of model evaluations (1 = one-step)")
     p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--out", default=None, help="output .png (grid) or .npz (arrays); default RUN/samples_<steps>nfe.png")
+    p.add_argument("--out", default=None,
+                   help="output .png (grid) or .npz (arrays); default RUN/samples_<steps>nfe.png")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's train.seed)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder instead of the newest one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's SHA-256 sums")
-    args = p.parse_args(argv)
+    return p
+
+
+def _check_args(args):
+    """The output path and the device, checked before anything is loaded or sampled."""
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    out = args.out or os.path.join(args.run, f"samples_{args.steps}nfe.png")
+    if not out.endswith((".png", ".npz")):
+        raise ConfigError(f"--out must end in .png or .npz, got {out}")
+    if args.seed is not None and args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    device = check_device(args.device)
+    if args.out is not None or os.path.isdir(args.run):  # a missing --run is load_run's to name
+        check_out_folder(out)
+    return out, device
+
+
+def _sample_shape(cfg, out):
+    shape = (cfg.model.in_channels,) if cfg.model.name == "MLP" else (
+        cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+    if out.endswith(".png") and (len(shape) != 3 or shape[0] not in (1, 3)):
+        # before sampling: a grid of vectors or latents cannot be drawn, and nothing should be written
+        made = f"vectors of {shape[0]} values" if len(shape) == 1 else f"{shape[0]}-channel arrays"
+        raise ConfigError(f"--out {out}: PNG output needs 1- or 3-channel image data, but this run's "
+                          f"{cfg.model.name} makes {made}; use --out FILE.npz")
+    return shape
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        if args.steps < 1:
-            raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-        if args.n < 1:
-            raise ConfigError(f"--n must be >= 1, got {args.n}")
-        out = args.out or os.path.join(args.run, f"samples_{args.steps}nfe.png")
-        if not out.endswith((".png", ".npz")):
-            raise ConfigError(f"--out must end in .png or .npz, got {out}")
-        if args.seed is not None and args.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {args.seed}")
-        device = check_device(args.device)
-        if args.out is not None or os.path.isdir(args.run):  # a missing --run is load_run's to name
-            check_out_folder(out)
+        out, device = _check_args(args)
         cfg, model, ckpt, step = load_run(args.run, args.checkpoint, device, not args.no_verify)
         seed = cfg.train.seed if args.seed is None else args.seed
-        shape = (cfg.model.in_channels,) if cfg.model.name == "MLP" else (
-            cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-        if out.endswith(".png") and (len(shape) != 3 or shape[0] not in (1, 3)):
-            # before sampling: a grid of vectors or latents cannot be drawn, and nothing should be written
-            made = f"vectors of {shape[0]} values" if len(shape) == 1 else f"{shape[0]}-channel arrays"
-            raise ConfigError(f"--out {out}: PNG output needs 1- or 3-channel image data, but this run's "
-                              f"{cfg.model.name} makes {made}; use --out FILE.npz")
-        x, _, rows = sample_grid(model, args.n, num_classes=cfg.model.num_classes, sample_shape=shape, seed=seed,
-                                 steps=args.steps, device=device)
+        x, _, rows = sample_grid(model, args.n, num_classes=cfg.model.num_classes,
+                                 sample_shape=_sample_shape(cfg, out), seed=seed, steps=args.steps, device=device)
         bad = int((~torch.isfinite(x.flatten(1)).all(dim=1)).sum())
         if bad:
             raise CheckpointError(f"checkpoint {ckpt} (step {step}): {bad} of {args.n} samples hold NaN or inf "

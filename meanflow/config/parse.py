@@ -27,47 +27,56 @@ def _convert(key, text_or_value, typ):
 
     One rule for numbers, on the command line and in files alike: an int field takes 1000, 1_000, 1e3 or 1000.0
     (any integral value), never 2.5; a float field takes any finite number, never nan or inf."""
-    value = text_or_value
-    kind = _kind(value)
+    kind = _kind(text_or_value)
     if kind:  # a list, mapping or empty value where the schema has a scalar
-        raise ConfigError(f"{key}: expected a single {typ.__name__} value, got {kind} ({value!r})")
+        raise ConfigError(f"{key}: expected a single {typ.__name__} value, got {kind} ({text_or_value!r})")
+    read = {bool: _read_bool, int: _read_int, float: _read_float}.get(typ, _read_str)
     try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            lowered = str(value).lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, int):
-                return value
-            if isinstance(value, str):
-                try:
-                    return int(value.strip())
-                except ValueError:
-                    value = float(value)  # "1e3" or "2.0": judged as the number it writes, below
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ValueError
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-        else:
-            if not isinstance(value, (str, int, float)):
-                raise ValueError
-            return str(value)
+        value = read(text_or_value)
     except (ValueError, TypeError, OverflowError):
         what = "int (a whole number: 1000, 1_000 and 1e3 are read, 2.5 is not)" if typ is int else typ.__name__
         raise ConfigError(f"{key}: cannot read {text_or_value!r} as {what}") from None
-    if not math.isfinite(number):
+    if typ is float and not math.isfinite(value):
         raise ConfigError(f"{key}: must be a finite number, got {text_or_value!r}")
-    return number
+    return value
+
+
+def _read_bool(value):
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
+def _read_int(value):
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            value = float(value)  # "1e3" or "2.0": judged as the number it writes, below
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ValueError
+
+
+def _read_float(value):
+    if isinstance(value, bool):
+        raise ValueError
+    return float(value)
+
+
+def _read_str(value):
+    if not isinstance(value, (str, int, float)):
+        raise ValueError
+    return str(value)
 
 
 def apply_overrides(cfg: Config, overrides: dict, origin: str = "override"):

@@ -78,22 +78,9 @@ def resume(path, trainer, log):
                         "loading it as it is", ckpt)
             warned = True
         if verdict != "damaged":
-            error = None
-            try:
-                meta = load_checkpoint(ckpt, trainer.model, trainer.ema.module, trainer.optimizer)
-            except CheckpointError as e:
-                error = e
-            failed = d.all_reduce_mean(torch.tensor([float(error is not None)], device=d.device)).item() > 0
-            if not failed:
-                if d.is_main:
-                    log.info("resumed from %s (step %d, written by %d process(es))", ckpt, meta["step"],
-                             meta["world_size"])
-                return int(meta["step"])
-            if verdict == "verified":
-                raise CheckpointError(f"{error or f'checkpoint {ckpt} failed to load on another rank'}; its files "
-                                      "match the checksums written at save, so it is left in place") from None
-            reason, detail = "load", (str(error).removeprefix(f"checkpoint {ckpt} ") if error else
-                                      "failed to load on another rank")
+            step, reason, detail = _load(trainer, ckpt, verdict, log)
+            if step is not None:
+                return step
         moved = _set_aside(d, ckpt, reason)
         damaged.append((ckpt, moved, reason))
         if d.is_main:
@@ -134,3 +121,22 @@ def _set_aside(d, path, reason):
 
     d.run_on_main(rename)
     return d.broadcast_object(moved[0] if moved else None)
+
+
+def _load(trainer, ckpt, verdict, log):
+    """(step, None, None) when ckpt loaded on every rank; (None, "load", why) when it failed to load without being
+    verified; raises when a verified checkpoint fails (intact files: another model or optimizer)."""
+    d, error = trainer.d, None
+    try:
+        meta = load_checkpoint(ckpt, trainer.model, trainer.ema.module, trainer.optimizer)
+    except CheckpointError as e:
+        error = e
+    failed = d.all_reduce_mean(torch.tensor([float(error is not None)], device=d.device)).item() > 0
+    if not failed:
+        if d.is_main:
+            log.info("resumed from %s (step %d, written by %d process(es))", ckpt, meta["step"], meta["world_size"])
+        return int(meta["step"]), None, None
+    if verdict == "verified":
+        raise CheckpointError(f"{error or f'checkpoint {ckpt} failed to load on another rank'}; its files "
+                              "match the checksums written at save, so it is left in place") from None
+    return None, "load", (str(error).removeprefix(f"checkpoint {ckpt} ") if error else "failed to load on another rank")
