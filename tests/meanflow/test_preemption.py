@@ -185,3 +185,25 @@ def test_a_second_signal_exits_at_once(sig):
     assert p.stdout == "first: flag True\n"
     assert f"{signal.Signals(sig).name} again: exiting now, without a checkpoint" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_meanflow_launch_ends_with_75_and_no_traceback(env, tmp_path, reference):
+    """The same 2-process run under python -m meanflow.launch (torchrun's launcher with a scheduler-friendly
+    ending): SIGTERM to the whole session gives the checkpoint, exit 75 and not one traceback, and resumes exactly."""
+    run_dir = str(tmp_path / "run")
+    launcher = [sys.executable, "-m", "meanflow.launch", "--standalone", "--nproc_per_node=2"]
+    cmd = [*launcher, "-m", "tests.meanflow.randomized_train", "--config", "smoke", f"--train.out={run_dir}", *STEPS]
+    code, out, err, seen = interrupt(cmd, env, tmp_path, run_dir, signal.SIGTERM)
+    assert code == PREEMPTED, err[-3000:]
+    assert "Traceback" not in out + err and "SignalException" not in err, err[-3000:]
+    check_preempted(run_dir, err, seen, signal.SIGTERM)
+    assert "meanflow.launch: SIGTERM: the workers were told to save and stop" in err
+    resume_matches(cmd, env, run_dir, 2, reference(2, []))
+
+
+def test_meanflow_launch_reports_a_failed_worker_in_one_line(env, tmp_path):
+    p = run([sys.executable, "-m", "meanflow.launch", "--standalone", "--nproc_per_node=2", "-m", "meanflow.train",
+             "--config", "smoke", "--train.global_batch=7"], env, check=False)  # 7 rows do not split over 2 ranks
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "meanflow.launch: worker(s) failed: rank 0 exit 2, rank 1 exit 2" in p.stderr
+    assert "Traceback" not in p.stderr and "train.global_batch: 7 is not divisible by the world size 2" in p.stderr
