@@ -12,7 +12,7 @@
 import json
 import os
 
-from meanflow.checkpoint import latest_checkpoint, read_meta, write_json_atomic
+from meanflow.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint, read_meta, write_json_atomic
 from meanflow.models.config import ModelConfig
 
 METRICS = "metrics.jsonl"
@@ -40,7 +40,10 @@ def inspect_run_folder(run_dir, model_cfg: ModelConfig):
     latest = latest_checkpoint(run_dir)
     if latest is None:
         return None
-    saved = _saved_model(latest[1])
+    reference, meta = newest_readable(run_dir)
+    if reference is None:  # no meta.json reads: resume sets them aside one by one and says so
+        return latest[1]
+    saved = _saved_model(reference, meta)
     if saved != model_cfg:
         raise RunFolderError(
             f"train.out: {run_dir} holds checkpoints of a different model ({saved}) than this config asks for "
@@ -49,9 +52,20 @@ def inspect_run_folder(run_dir, model_cfg: ModelConfig):
     return latest[1]
 
 
-def _saved_model(path) -> ModelConfig:
+def newest_readable(run_dir):
+    """(path, meta) of the newest complete checkpoint whose meta.json reads, or (None, None): what the run's model
+    and config are compared with. A newer one with a damaged meta.json is left to resume, which sets it aside."""
+    for _, path in reversed(complete_checkpoints(run_dir)):
+        try:
+            return path, read_meta(path)
+        except CheckpointError:
+            continue
+    return None, None
+
+
+def _saved_model(path, meta) -> ModelConfig:
     try:
-        model = ModelConfig(**read_meta(path).get("config", {}).get("model", {}))
+        model = ModelConfig(**meta.get("config", {}).get("model", {}))
         model.validate()
     except (TypeError, ValueError) as e:
         raise RunFolderError(f"checkpoint {path}: unreadable model config: {e}") from None

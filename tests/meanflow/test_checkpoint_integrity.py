@@ -67,6 +67,8 @@ DAMAGE = {  # name: (what it does to a checkpoint folder, the reason it is set a
     "empty_shard": (lambda c: os.truncate(os.path.join(c, "__0_0.distcp"), 0), "size", "__0_0.distcp"),
     "missing_metadata": (lambda c: os.remove(os.path.join(c, ".metadata")), "missing", ".metadata is missing"),
     "flipped_bit": (flip_a_bit, "checksum", "__0_0.distcp"),
+    # read before resume too (the model and config checks): they must compare with the previous one, not stop
+    "unparseable_meta": (lambda c: open(os.path.join(c, "meta.json"), "w").write("{not json"), "meta", "meta.json"),
 }
 
 
