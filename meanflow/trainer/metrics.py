@@ -64,13 +64,19 @@ class MetricsLog:
             self.board = self._tensorboard() if self._tensorboard is not None else None
             if self.cfg.progress:
                 from tqdm import tqdm
+                from tqdm.contrib.logging import logging_redirect_tqdm
 
                 # redrawn at most twice a second (every few seconds when the output is a log file, not a terminal)
                 self.bar = tqdm(total=self.total, initial=self.start, desc="train", unit="step", dynamic_ncols=True,
                                 mininterval=0.5 if sys.stderr.isatty() else 5.0)
+                # log lines (a skipped step, a save on a signal) above the bar rather than glued to its line
+                self._logging = logging_redirect_tqdm()
+                self._logging.__enter__()
         return self
 
     def __exit__(self, *exc):
+        if self.bar is not None:
+            self._logging.__exit__(*exc)
         for handle in (self.bar, self.file, self.board):
             if handle is not None:
                 handle.close()
