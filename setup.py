@@ -23,6 +23,7 @@ setup(
             "meanflow-train=meanflow.train:main",
             "meanflow-sample=meanflow.sample:main",
             "meanflow-evaluate=meanflow.evaluate:main",
+            "meanflow-launch=meanflow.launch:main",
         ]
     },
 )

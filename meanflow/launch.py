@@ -25,8 +25,9 @@ from meanflow.trainer.preemption import PREEMPTED
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    # torchrun's own warnings on a signal ("Received 15 death signal, shutting down workers", "Sending process ...")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # torchrun's own log lines on a signal or a failed worker ("Received 15 death signal", "Sending process ...",
+    # "failed (exitcode: 2) local_rank: 0"): the ending below says it in one line, the workers' errors are above it
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(args)
     except SignalException as e:
@@ -40,7 +41,8 @@ def main(argv=None) -> int:
         if codes == {PREEMPTED}:
             return PREEMPTED
         listed = ", ".join(f"rank {rank} exit {f.exitcode}" for rank, f in failures)
-        print(f"meanflow.launch: worker(s) failed: {listed} (their errors are above)", file=sys.stderr, flush=True)
+        print(f"meanflow.launch: error: worker(s) failed: {listed} (their errors are above)", file=sys.stderr,
+              flush=True)
         first = failures[0][1].exitcode
         return first if isinstance(first, int) and 0 < first < 256 else 1
     return 0

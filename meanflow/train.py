@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             logging.getLogger().setLevel(logging.WARNING)
         Trainer(cfg, d).run()
     except FAILURES as e:
-        print(f"meanflow.train: error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"meanflow.train: error: {e}\n")  # one write: the ranks' lines share one stream
         return 2
     except Preempted as e:
         if d.is_main:

@@ -17,6 +17,7 @@ BAD_ARGS = {
     "train": ["--train.no_such_key=1"],
     "sample": ["--run", "{missing}"],
     "evaluate": ["--run", "{missing}"],
+    "launch": ["--nproc_per_node=2", "-m", "meanflow.train", "--no_such_key=1"],
 }
 
 

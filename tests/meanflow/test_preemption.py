@@ -205,5 +205,5 @@ def test_meanflow_launch_reports_a_failed_worker_in_one_line(env, tmp_path):
     p = run([sys.executable, "-m", "meanflow.launch", "--standalone", "--nproc_per_node=2", "-m", "meanflow.train",
              "--config", "smoke", "--train.global_batch=7"], env, check=False)  # 7 rows do not split over 2 ranks
     assert p.returncode == 2, p.stderr[-3000:]
-    assert "meanflow.launch: worker(s) failed: rank 0 exit 2, rank 1 exit 2" in p.stderr
+    assert "meanflow.launch: error: worker(s) failed: rank 0 exit 2, rank 1 exit 2" in p.stderr
     assert "Traceback" not in p.stderr and "train.global_batch: 7 is not divisible by the world size 2" in p.stderr

@@ -78,8 +78,9 @@ def test_run_summary_printed_at_start_and_stored(env, tmp_path):
 
 
 def test_a_rank_zero_failure_ends_every_rank_promptly(env, tmp_path):
-    """Rank 0 alone cannot write the run folder (its parent is a file): it reports that in one line, and rank 1
-    stops at once instead of waiting in the next collective (gloo's default timeout is 30 minutes)."""
+    """Rank 0 alone cannot write the run folder (its parent is a file; the first write is its lock file): it reports
+    that in one line, and rank 1 stops at once instead of waiting in the next collective (gloo's default timeout is
+    30 minutes)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -87,5 +88,5 @@ def test_a_rank_zero_failure_ends_every_rank_promptly(env, tmp_path):
     p = run([*launcher, "-m", "meanflow.train", "--config", "smoke", f"--train.out={blocker}/run"], env, check=False)
     elapsed = time.perf_counter() - start
     assert p.returncode != 0 and elapsed < 60, f"took {elapsed:.0f} s"
-    assert "meanflow.train: error: train.out: cannot write the run folder" in p.stderr
+    assert f"meanflow.train: error: train.out: cannot create the lock file {blocker}/run/.lock" in p.stderr
     assert "rank 0 failed" in p.stderr
