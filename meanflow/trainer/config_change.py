@@ -14,7 +14,6 @@ Keys present in only one of the two configs (a field added or removed since the 
 
 import logging
 
-from meanflow.checkpoint import read_meta
 from meanflow.errors import ConfigError
 
 log = logging.getLogger("meanflow.train")
@@ -54,13 +53,12 @@ def differences(saved: dict, current: dict) -> list:
     return found
 
 
-def review(path, cfg, is_main) -> bool:
+def review(path, meta, cfg, is_main) -> bool:
     """Whether there is anything to train from the checkpoint at path, checking cfg against its saved config first.
 
     False when the checkpoint is already at or past train.steps (rank 0 says so in one line; the caller then writes
     nothing). Otherwise rank 0 logs one line per changed key, and a recipe change raises ConfigError listing them all
-    unless cfg.train.allow_config_change."""
-    meta = read_meta(path)
+    unless cfg.train.allow_config_change. meta: the checkpoint's meta.json, as inspect_run_folder read it."""
     step = int(meta["step"])
     if cfg.train.steps <= step:
         if is_main:

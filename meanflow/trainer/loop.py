@@ -33,7 +33,7 @@ from meanflow.trainer import checkpointing, config_change
 from meanflow.trainer.metrics import MetricsLog, tensorboard_factory
 from meanflow.trainer.optim import build_optimizer, lr_at, set_hyperparameters, set_lr
 from meanflow.trainer.preemption import Preempted, StopWatch
-from meanflow.trainer.run_folder import inspect_run_folder, newest_readable, prepare_run_folder
+from meanflow.trainer.run_folder import inspect_run_folder, prepare_run_folder
 from meanflow.trainer.run_lock import RunLock
 from meanflow.trainer.summary import format_summary, run_summary
 
@@ -101,10 +101,9 @@ class Trainer:
                               f"{d.world_size}")
         self.loader = build_loader(cfg.data, cfg.train.global_batch, d.rank, d.world_size, cfg.train.seed)
         self._check_data_fits_model()
-        resume = inspect_run_folder(self.run_dir, cfg.model)
+        resume, reference = inspect_run_folder(self.run_dir, cfg.model)
         self.tensorboard = tensorboard_factory(cfg.log, self.run_dir) if d.is_main else None
-        reference = newest_readable(self.run_dir)[0] if resume is not None else None
-        if reference is not None and not config_change.review(reference, cfg, d.is_main):
+        if reference is not None and not config_change.review(*reference, cfg, d.is_main):
             return False  # the checkpoint is at or past train.steps
         d.run_on_main(self.run_lock.acquire)  # before rank 0 writes anything; a busy folder stops every rank
         self._build_model()

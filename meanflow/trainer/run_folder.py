@@ -24,14 +24,14 @@ class RunFolderError(ValueError):
 
 
 def inspect_run_folder(run_dir, model_cfg: ModelConfig):
-    """The checkpoint to resume from (path) or None; RunFolderError if the folder is not a run folder or holds another
-    model. Reads only."""
+    """(the checkpoint to resume from, (path, meta) of the newest one whose meta.json reads), None where there is
+    none; RunFolderError if the folder is not a run folder or holds another model. Reads only."""
     if not os.path.exists(run_dir):
-        return None
+        return None, None
     if not os.path.isdir(run_dir):
         raise RunFolderError(f"train.out: {run_dir} exists and is not a folder")
     if not [name for name in os.listdir(run_dir) if name != LOCK]:  # a trainer that died before writing anything
-        return None
+        return None, None
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         raise RunFolderError(
             f"train.out: {run_dir} is not empty and holds no config.json, so it is not a meanflow run folder; "
@@ -39,17 +39,17 @@ def inspect_run_folder(run_dir, model_cfg: ModelConfig):
         )
     latest = latest_checkpoint(run_dir)
     if latest is None:
-        return None
+        return None, None
     reference, meta = newest_readable(run_dir)
     if reference is None:  # no meta.json reads: resume sets them aside one by one and says so
-        return latest[1]
+        return latest[1], None
     saved = _saved_model(reference, meta)
     if saved != model_cfg:
         raise RunFolderError(
             f"train.out: {run_dir} holds checkpoints of a different model ({saved}) than this config asks for "
             f"({model_cfg}); use another --train.out or the same model settings"
         )
-    return latest[1]
+    return latest[1], (reference, meta)
 
 
 def newest_readable(run_dir):
