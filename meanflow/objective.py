@@ -11,6 +11,9 @@ Guidance in training: for t in [t_start, t_end] and rows whose label was kept,
     v~ = w v + k u(z, t, t | y) + (1 - w - k) u(z, t, t | null)      (both u's under no_grad)
 otherwise v~ = v. With ratio_r_neq_t = 0 every r equals t, the JVP term vanishes and the loss is flow matching.
 
+Rows with r = t and rows whose label is dropped are both prefixes of one random order of the batch (exact counts
+round((1 - ratio_r_neq_t) B) and round(class_drop B)), as in the official code: dropped rows are r = t rows.
+
 All randomness of a step (noise, times, which rows have r = t, label drops) is drawn by ``draw`` for the *global*
 batch from one generator, so a run gives the same samples whatever its number of processes (each rank slices
 its rows with ``Draw.rows``).
@@ -35,7 +38,7 @@ class ObjectiveConfig:
     tangent_t: float = 1.0  # tangent of t in the JVP (the paper's 1)
     adaptive_p: float = 1.0  # adaptive weighting power; p = 0: plain L2
     adaptive_c: float = 1e-3  # adaptive weighting: loss = L / sg(L + c)^p
-    class_drop: float = 0.1  # probability a label is replaced by the null class
+    class_drop: float = 0.1  # fraction of the batch (exact count) whose label is the null class; taken among r = t rows
     cfg_w: float = 1.0  # guidance in training: v~ = w v + k u(c) + (1 - w - k) u(null); w = 1, k = 0: none
     cfg_k: float = 0.0  # guidance mixing weight of the conditional u (see cfg_w)
     cfg_t_start: float = 0.0  # guidance applies for t in [cfg_t_start, cfg_t_end]
@@ -85,24 +88,41 @@ class Draw:
                     self.drop.to(device))
 
 
-def sample_times(cfg: ObjectiveConfig, batch: int, generator=None, dtype=torch.float32):
-    """(r, t) with 0 <= r <= t <= 1; a fraction (1 - ratio_r_neq_t) of rows (exact count) has r = t."""
+def _row_order(cfg: ObjectiveConfig, batch: int, generator=None):
+    """(order, n_equal, n_drop): one random order of the rows; its first n_equal rows get r = t, its first n_drop
+    rows lose their label.
+
+    Both sets are prefixes of the same order, as both masks are prefixes of the batch in the official code: every
+    dropped row is an r = t (flow-matching) row whenever class_drop <= 1 - ratio_r_neq_t, so the null class learns
+    the instantaneous velocity only. Counts are exact: round(fraction * batch).
+    """
+    order = torch.randperm(batch, generator=generator)
+    return order, round((1.0 - cfg.ratio_r_neq_t) * batch), round(cfg.class_drop * batch)
+
+
+def _times(cfg: ObjectiveConfig, batch: int, generator=None):
+    """(r, t) in float64 with 0 <= r <= t <= 1: the min and max of two draws of the time sampler."""
     if cfg.time_sampler == "logit_normal":
         s = torch.sigmoid(torch.randn(2, batch, generator=generator, dtype=torch.float64) * cfg.time_sigma + cfg.time_mu)
     else:
         s = torch.rand(2, batch, generator=generator, dtype=torch.float64)
-    t, r = s.max(0).values, s.min(0).values
-    n_equal = round((1.0 - cfg.ratio_r_neq_t) * batch)
-    equal = torch.randperm(batch, generator=generator)[:n_equal]
-    r[equal] = t[equal]
-    return r.to(dtype), t.to(dtype)
+    return s.min(0).values, s.max(0).values
+
+
+def sample_times(cfg: ObjectiveConfig, batch: int, generator=None, dtype=torch.float32):
+    """(r, t) with 0 <= r <= t <= 1; a fraction (1 - ratio_r_neq_t) of rows (exact count) has r = t."""
+    d = draw(cfg, batch, (), generator, dtype)
+    return d.r, d.t
 
 
 def draw(cfg: ObjectiveConfig, batch: int, sample_shape, generator=None, dtype=torch.float32) -> Draw:
     e = torch.randn(batch, *sample_shape, generator=generator, dtype=dtype)
-    r, t = sample_times(cfg, batch, generator, dtype)
-    drop = torch.rand(batch, generator=generator) < cfg.class_drop
-    return Draw(e, r, t, drop)
+    r, t = _times(cfg, batch, generator)
+    order, n_equal, n_drop = _row_order(cfg, batch, generator)
+    r[order[:n_equal]] = t[order[:n_equal]]
+    drop = torch.zeros(batch, dtype=torch.bool)
+    drop[order[:n_drop]] = True
+    return Draw(e, r.to(dtype), t.to(dtype), drop)
 
 
 def meanflow_target(v, r, t, dudt):

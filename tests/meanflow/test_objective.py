@@ -71,6 +71,30 @@ def test_draw_is_deterministic_and_rows_slice(seed):
     assert torch.equal(half.e, a.e[4:]) and torch.equal(half.r, a.r[4:])
 
 
+@pytest.mark.parametrize("ratio, class_drop", [(0.25, 0.1), (0.5, 0.3), (1.0, 0.1), (0.0, 0.2)])
+def test_dropped_rows_are_r_equal_t_rows(ratio, class_drop, seed):
+    """The official rule, written out: one random order of the batch; its first round((1 - ratio) B) rows have
+    r = t and its first round(class_drop B) rows lose their label, so dropped rows are r = t rows."""
+    batch = 40
+    cfg = ObjectiveConfig(ratio_r_neq_t=ratio, class_drop=class_drop, time_sampler="uniform")
+    d = draw(cfg, batch, (1, 2, 2), torch.Generator().manual_seed(seed), torch.float64)
+
+    g = torch.Generator().manual_seed(seed)
+    torch.randn(batch, 1, 2, 2, generator=g, dtype=torch.float64)  # the noise comes first
+    s = torch.rand(2, batch, generator=g, dtype=torch.float64)
+    order = torch.randperm(batch, generator=g)
+    n_equal, n_drop = round((1 - ratio) * batch), round(class_drop * batch)
+    r_ref, t_ref = s.min(0).values, s.max(0).values
+    r_ref[order[:n_equal]] = t_ref[order[:n_equal]]
+    drop_ref = torch.zeros(batch, dtype=torch.bool)
+    drop_ref[order[:n_drop]] = True
+
+    assert torch.equal(d.t, t_ref) and torch.equal(d.r, r_ref) and torch.equal(d.drop, drop_ref)
+    assert int(d.drop.sum()) == n_drop and int((d.r == d.t).sum()) == n_equal
+    if n_drop <= n_equal:
+        assert bool((d.r[d.drop] == d.t[d.drop]).all())
+
+
 def test_adaptive_loss_matches_formula(seed):
     u, target = torch.randn(5, 3, 2, dtype=torch.float64), torch.randn(5, 3, 2, dtype=torch.float64)
     p, c = 0.75, 1e-3
