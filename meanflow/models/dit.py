@@ -107,17 +107,24 @@ class FinalLayer(nn.Module):
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
-    """Fixed 2-D sin-cos position embedding (MAE/DiT), (grid*grid, dim) in float64."""
+    """Fixed 2-D sin-cos position embedding of MAE/DiT, (grid*grid, dim) in float64.
+
+    Token k = i * grid + j sits at row i, column j (the patch order of x_embedder's flatten). With D = dim / 4 and
+    omega_d = 10000^(-d / D), d < D:
+        embed[k] = [sin(j omega), cos(j omega), sin(i omega), cos(i omega)]
+    the column half first, as in MAE/DiT (their meshgrid(w, h) puts w first), so that weights ported from DiT, SiT or
+    MeanFlow checkpoints see the positions they were trained with.
+    """
     if dim % 4:
         raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2-D sin-cos position embedding")
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
-    gh, gw = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
+    row, col = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
 
     def embed(pos):
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    return np.concatenate([embed(gw), embed(gh)], axis=1)
+    return np.concatenate([embed(col), embed(row)], axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

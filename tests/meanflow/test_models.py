@@ -1,10 +1,14 @@
 """Model registry, shapes, the paper's parameter counts, zero-init, and clear errors on bad inputs."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from meanflow.jvp import u_and_dudt
 from meanflow.models import MODEL_NAMES, create_model
+from meanflow.models.dit import sincos_pos_embed_2d
 from tests.meanflow.reference_models import random_inputs, small_model
 
 # MeanFlow paper, Table 2 (millions of parameters)
@@ -75,3 +79,21 @@ def test_unconditional_model_rejects_labels_and_tangent_shape_is_checked(seed):
         u_and_dudt(model, z, r, t, None, v[:1])
     with pytest.raises(ValueError, match="engine"):
         u_and_dudt(model, z, r, t, None, v, engine="forward_ad")
+
+
+@pytest.mark.parametrize("dim, grid", [(16, 4), (64, 3), (128, 7)])
+def test_sincos_pos_embed_2d_is_mae_dit_order(dim, grid):
+    """Against the formula written out element by element: token k = i * grid + j (row i, column j) gets
+    [sin(j w_d), cos(j w_d), sin(i w_d), cos(i w_d)] with w_d = 10000^(-d / (dim / 4)), the column half first as in
+    MAE/DiT's get_2d_sincos_pos_embed."""
+    quarter = dim // 4
+    expected = np.empty((grid * grid, dim))
+    for i in range(grid):
+        for j in range(grid):
+            for d in range(quarter):
+                w = 10000.0 ** (-d / quarter)
+                expected[i * grid + j, d] = math.sin(j * w)
+                expected[i * grid + j, quarter + d] = math.cos(j * w)
+                expected[i * grid + j, 2 * quarter + d] = math.sin(i * w)
+                expected[i * grid + j, 3 * quarter + d] = math.cos(i * w)
+    np.testing.assert_allclose(sincos_pos_embed_2d(dim, grid), expected, rtol=0, atol=1e-12)
