@@ -156,6 +156,33 @@ def guided_velocity(model, cfg: ObjectiveConfig, z, t, y, v, dropped):
     return torch.where(_expand(active, v), v_guided, v)
 
 
+# Up to this fraction of r != t rows, the JVP runs on those rows only: a plain forward of all rows (with gradients)
+# plus a no-grad dual pass of the fraction rho costs F + rho (F + T) against F + T for one dual pass of every row
+# with gradients, where the tangent T costs ~1.5 forwards F. Decided from the config, never from the rows a rank
+# drew, so that every rank makes the same model calls (FSDP's collectives run per call).
+JVP_SPLIT_MAX_RATIO = 0.5
+
+
+@torch.no_grad()
+def dudt_where_r_neq_t(model, cfg: ObjectiveConfig, z, r, t, y, v):
+    """du/dt on the rows with r != t and 0 on the others, where (t - r) du/dt vanishes whatever du/dt is.
+
+    A rank that drew no r != t row still runs the dual pass, on its first row, so that its model calls match the
+    other ranks'; that result is discarded.
+    """
+    rows = (r != t).nonzero().squeeze(1)  # (n,)
+    drew_none = rows.numel() == 0
+    if drew_none:
+        rows = rows.new_zeros(1)
+    _, dudt_rows = u_and_dudt(model, z[rows], r[rows], t[rows], None if y is None else y[rows], v[rows],
+                              engine=cfg.engine, tangent_r=cfg.tangent_r, tangent_t=cfg.tangent_t,
+                              check_values=False)
+    dudt = torch.zeros_like(v, dtype=dudt_rows.dtype)
+    if not drew_none:
+        dudt[rows] = dudt_rows
+    return dudt
+
+
 def meanflow_loss(model, x, y, d: Draw, cfg: ObjectiveConfig):
     """One MeanFlow loss on data x (B, ...) with labels y (or None) and the step's randomness d.
 
@@ -171,6 +198,9 @@ def meanflow_loss(model, x, y, d: Draw, cfg: ObjectiveConfig):
     if cfg.ratio_r_neq_t == 0.0:  # flow matching: r = t everywhere, no JVP needed
         u = model(z, t, t, y)
         target = v
+    elif cfg.ratio_r_neq_t <= JVP_SPLIT_MAX_RATIO:
+        u = model(z, r, t, y)
+        target = meanflow_target(v, r, t, dudt_where_r_neq_t(model, cfg, z, r, t, y, v))
     else:
         u, dudt = u_and_dudt(model, z, r, t, y, v, engine=cfg.engine, tangent_r=cfg.tangent_r,
                              tangent_t=cfg.tangent_t, check_values=False)

@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 
+import meanflow.objective as objective
 from meanflow.jvp import u_and_dudt
 from meanflow.objective import (
     ObjectiveConfig,
     adaptive_loss,
     draw,
+    dudt_where_r_neq_t,
     guided_velocity,
     meanflow_loss,
     meanflow_target,
@@ -145,6 +147,45 @@ def test_meanflow_loss_gradient_only_through_u(engine, seed):
     adaptive_loss(u, meanflow_target(v, d.r, d.t, dudt), cfg.adaptive_p, cfg.adaptive_c)[0].backward()
     for g, p in zip(got, model.parameters()):
         assert torch.allclose(g, p.grad, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("engine", ["dual", "func"])
+@pytest.mark.parametrize("ratio, tangents", [(0.25, (0.0, 1.0)), (0.5, (1.0, 1.0)), (0.25, (1.0, 0.0))])
+def test_jvp_on_r_neq_t_rows_only_equals_jvp_on_every_row(engine, ratio, tangents, seed, monkeypatch):
+    """The split path (forward of every row + no-grad JVP of the r != t rows) gives the loss and the gradients of
+    one JVP pass over every row: the r = t rows' (t - r) du/dt is zero either way."""
+    model = small_model("dit")
+    x = torch.randn(8, *model.sample_shape, dtype=torch.float64)
+    y = torch.randint(0, model.num_classes, (8,))
+    cfg = ObjectiveConfig(ratio_r_neq_t=ratio, tangent_r=tangents[0], tangent_t=tangents[1], cfg_w=1.5,
+                          class_drop=0.25, engine=engine)
+    d = draw(cfg, 8, model.sample_shape, torch.Generator().manual_seed(seed), torch.float64)
+    assert 0 < int((d.r != d.t).sum()) < 8
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss, _ = meanflow_loss(model, x, y, d, cfg)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    split_loss, split_grads = loss_and_grads()
+    monkeypatch.setattr(objective, "JVP_SPLIT_MAX_RATIO", -1.0)  # every row through one dual pass
+    joint_loss, joint_grads = loss_and_grads()
+    assert torch.allclose(split_loss, joint_loss, rtol=1e-12)
+    for a, b in zip(split_grads, joint_grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-13)
+
+
+def test_jvp_rows_when_a_rank_drew_none(seed):
+    """A rank whose rows all have r = t still makes the dual call (the other ranks' collectives wait for it) and
+    gets a zero du/dt."""
+    model = small_model("dit")
+    z, _, t, _, v = random_inputs(model, batch=3)
+    calls = []
+    original = model.dual
+    model.dual = lambda *a: calls.append(a[0].shape[0]) or original(*a)
+    dudt = dudt_where_r_neq_t(model, ObjectiveConfig(), z, t, t, None, v)
+    assert calls == [1] and not dudt.any() and dudt.shape == v.shape
 
 
 def test_guided_velocity(seed):
