@@ -15,7 +15,7 @@ def _mnist_demo():
                       "class_drop": 0.1, "cfg_w": 2.0, "cfg_k": 0.0},
         "optim": {"lr": 1e-3, "warmup_steps": 100, "grad_clip": 1.0, "ema_decay": 0.995, "ema_warmup": True},
         "train": {"steps": 1250, "global_batch": 64, "out": "runs/mnist-demo"},
-        "log": {"every": 20},
+        "log": {"every": 20, "sample_every": 250},  # samples/step_<step>.png: the digits forming, 5 grids
         "checkpoint": {"every": 250, "keep_last": 2},
     }
 
@@ -28,7 +28,7 @@ def _smoke():
         "objective": {"adaptive_p": 0.75},
         "optim": {"lr": 1e-3, "ema_decay": 0.9, "ema_warmup": True},
         "train": {"steps": 6, "global_batch": 8, "out": "runs/smoke", "samples_at_end": 2},
-        "log": {"every": 1, "progress": False},
+        "log": {"every": 1, "progress": False, "sample_every": 3},
         "checkpoint": {"every": 3, "keep_last": 2},
     }
 
