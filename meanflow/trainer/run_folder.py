@@ -6,7 +6,13 @@
     <train.out>/summary.json     what the run ran on (meanflow.trainer.summary)
     <train.out>/metrics.jsonl    one line per logged step (meanflow.trainer.metrics)
     <train.out>/checkpoints/     step-N folders (meanflow.checkpoint)
-    <train.out>/samples.png|npz  1-NFE samples of the EMA model at the end
+    <train.out>/loss.png         loss and mse against step, log y (meanflow.plots; at every checkpoint and the end)
+    <train.out>/samples.png      at the end: the EMA model's 1-NFE samples beside its 2-NFE samples of the same noise
+                                 and labels, one row per class, captioned "1-NFE" | "2-NFE", 8 white pixels apart
+                                 (meanflow.images.panels); a scatter data | 1-NFE | 2-NFE for an MLP on 2-D data
+    <train.out>/samples.npz      samples (1-NFE), samples_2nfe, labels (conditional), data (2-D runs)
+    <train.out>/samples/step_N.png  every log.sample_every steps: 1-NFE samples of the EMA, 4 a class, same noise
+All the pictures are written by meanflow.trainer.pictures.
 """
 
 import json
