@@ -28,7 +28,7 @@ def _smoke():
         "objective": {"adaptive_p": 0.75},
         "optim": {"lr": 1e-3, "ema_decay": 0.9, "ema_warmup": True},
         "train": {"steps": 6, "global_batch": 8, "out": "runs/smoke", "samples_at_end": 2},
-        "log": {"every": 1, "progress": False, "sample_every": 3},
+        "log": {"every": 1, "progress": False},
         "checkpoint": {"every": 3, "keep_last": 2},
     }
 
