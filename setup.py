@@ -25,6 +25,7 @@ setup(
             "meanflow-sample=meanflow.sample:main",
             "meanflow-evaluate=meanflow.evaluate:main",
             "meanflow-launch=meanflow.launch:main",
+            "meanflow-experiments=meanflow.experiments:main",
             "meanflow-plots=meanflow.plots:main",
         ]
     },

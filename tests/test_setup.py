@@ -18,6 +18,7 @@ BAD_ARGS = {
     "sample": ["--run", "{missing}"],
     "evaluate": ["--run", "{missing}"],
     "launch": ["--nproc_per_node=2", "-m", "meanflow.train", "--no_such_key=1"],
+    "experiments": ["ablations", "--n", "1"],
     "plots": ["--run", "{missing}"],
 }
 
