@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PINS   := requirements/pins.txt
 NPROC  ?= $(shell $(PY) -c "import torch; print(max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 2)" 2>/dev/null || echo 2)
 
-.PHONY: test test-all demo bench clean-venv native gpu-check compile-check compile-check-triton36
+.PHONY: test test-all demo bench clean-venv native gpu-check compile-check compile-check-triton36 ablations
 
 # The install step also builds the native CPU kernels (csrc/), and reruns when they change.
 $(STAMP): setup.py $(PINS) CMakeLists.txt $(wildcard csrc/*)
@@ -42,6 +42,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark
+
+# The paper's Table 1 at small scale (README, Ablations): 11 short single-process MNIST trainings, each evaluated, then
+# the 2-D toys; docs/ablations.md and docs/ablations/*.png. Runs are cached in runs/ablations: rerunning resumes.
+# ABLATIONS_ARGS passes options, e.g. ABLATIONS_ARGS="--steps 1250 --nfe 1,2" for a longer budget.
+ABLATIONS_ARGS ?=
+ablations: $(STAMP)
+	$(PY) -m meanflow.experiments ablations $(ABLATIONS_ARGS)
 
 # On a GPU machine with torch and triton preinstalled (no .venv, no network): the CUDA tests, the GPU benchmarks and
 # two short torchrun runs, within 8 minutes, everything under $(GPU_CHECK_OUT) (see README, "GPU check"). Without
