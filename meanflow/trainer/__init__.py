@@ -8,4 +8,5 @@
     optim.py          the `optim.*` section; AdamW and the learning-rate schedule
     checkpointing.py  the `checkpoint.*` section; when to save, what goes with a checkpoint, resuming
     summary.py        the run summary printed at start (device, precision, FLOPs, data, kernels, resume point)
+    pictures.py       samples.png at the end (1-NFE beside 2-NFE, or 2-D scatters), step grids, loss.png
 """
