@@ -3,8 +3,11 @@ data and, for the embedded MNIST, how often the samples read as the digit they w
 
     python -m meanflow.evaluate --run runs/mnist-demo [--steps 1,2] [--n 1000] [--batch 50] [--seed S]
                                 [--device cpu|cuda] [--checkpoint DIR] [--no-floor] [--no-verify]
-    torchrun --standalone --nproc_per_node=2 -m meanflow.evaluate --run runs/mnist-demo ...   # the work split
+    torchrun --standalone --nproc_per_node=2 -m meanflow.evaluate -- --run runs/mnist-demo ...   # the work split
     evaluate_run("runs/mnist-demo", steps=(1, 2), n=1000)    # from Python: the same dict, no argparse
+
+(Under torchrun the `--` is needed: torchrun's parser takes --run and --n for abbreviations of its own --run-path
+and --nproc-per-node and stops with "ambiguous option".)
 
 Samples: n per step count from one seeded noise tensor (seed = --seed, default the run's train.seed), the same noise
 and labels for every step count so that 1- and 2-NFE are compared on paired draws. Conditional models get labels
