@@ -37,8 +37,15 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests --runslow
 
+# Train, then judge the 1-NFE samples: FID at n = 1000 with its real-vs-real floor, and the digit classifier's reading
+# of each sample (2-NFE FID adds ~2 minutes: python -m meanflow.evaluate --run runs/mnist-demo --steps 1,2).
+DEMO_OUT ?= runs/mnist-demo
 demo: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m meanflow.train --config mnist-demo
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m meanflow.train --config mnist-demo \
+		--train.out=$(DEMO_OUT)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m meanflow.evaluate -- --run $(DEMO_OUT) \
+		--steps 1 --n 1000
+	@echo "samples (1-NFE | 2-NFE): $(abspath $(DEMO_OUT))/samples.png"
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark
