@@ -6,7 +6,9 @@ import math
 import os
 from dataclasses import dataclass
 
-SOURCES = ("mnist", "npy", "images")
+from .toy import TOYS
+
+SOURCES = ("mnist", "npy", "images", "toy")
 LOADERS = ("auto", "dali", "torch")
 
 
@@ -16,7 +18,7 @@ class DataError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "mnist"  # "mnist" (embedded 5000 digits), "npy" (a folder of arrays), "images" (class sub-folders)
+    source: str = "mnist"  # "mnist" (5000 embedded digits), "npy" (arrays), "images" (class folders), "toy" (data.toy)
     root: str = ""  # data folder for "npy"/"images"; for "mnist", where the cache goes (<root>/mnist5k)
     image_size: int = 32  # "images": shorter side resized to this, then center crop; "mnist": must be 32
     hflip: bool = False  # random horizontal flip, deterministic per (seed, epoch, item)
@@ -24,6 +26,9 @@ class DataConfig:
     loader: str = "auto"  # "dali", "torch", or "auto" (DALI if importable, else the torch fallback)
     num_workers: int = 2  # torch DataLoader workers / DALI threads
     skip_nonfinite: bool = False  # items holding NaN/inf: false stops the run naming them; true skips their steps
+    toy: str = "checkerboard"  # source "toy": "checkerboard", "8gaussians", "moons" or "gaussian" (data/toy.py)
+    toy_points: int = 50_000  # source "toy": how many 2-D points make up the (fixed) training set
+    toy_seed: int = 0  # source "toy": the seed the training set is drawn with (independent of train.seed)
 
     def validate(self) -> None:
         """Raise DataError naming the `data.*` key of the first bad value."""
@@ -41,6 +46,23 @@ class DataConfig:
             raise DataError(f"data.scale: must be a finite non-zero number, got {self.scale!r}")
         if self.source in ("npy", "images") and not self.root:
             raise DataError(f"data.root: the {self.source!r} source needs a data folder (set --data.root=DIR)")
+        if self.source == "toy":
+            self._validate_toy()
+
+    def _validate_toy(self) -> None:
+        if self.toy not in TOYS:
+            raise DataError(f"data.toy: unknown distribution {self.toy!r}; valid choices: {', '.join(TOYS)}")
+        if not isinstance(self.toy_points, int) or self.toy_points < 1:
+            raise DataError(f"data.toy_points: must be a positive integer, got {self.toy_points!r}")
+        if not isinstance(self.toy_seed, int) or self.toy_seed < 0:
+            raise DataError(f"data.toy_seed: must be an integer >= 0, got {self.toy_seed!r}")
+        if self.root:
+            raise DataError(f"data.root: the toy source makes its points in memory and reads no folder; got "
+                            f"{self.root!r} (unset data.root, or choose data.source npy/images)")
+        if self.hflip:
+            raise DataError("data.hflip: a flip of a 2-D point would swap its coordinates; the toy source has none")
+        if self.loader == "dali":
+            raise DataError("data.loader=dali: the toy source is served from memory (use data.loader=auto or torch)")
 
 
 def infer_source(cfg: DataConfig) -> None:

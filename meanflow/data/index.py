@@ -8,6 +8,8 @@ Folder layouts (only read, never written):
 - "images": root/<class_name>/*.{png,jpg,jpeg} (or flat root/*.png ... for unlabeled data), any size, served as
             RGB (3, S, S): shorter side resized to S (bilinear, antialiased), center crop, pixels mapped to [-1, 1].
 - "mnist":  the embedded 5000 MNIST digits, cached once as the "npy" layout (see mnist.py).
+- "toy":    no folder: data.toy_points 2-D points of the distribution data.toy drawn with data.toy_seed (toy.py),
+            held in memory as `points` (N, 2) float32, unlabeled; `files` is empty and `root` reads "toy:<name>".
 Item order is class folders sorted by name, then file names sorted within each folder. Files with other
 extensions are ignored; an empty class folder is an error (it would silently shift the labels of the rest).
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import DataConfig, DataError
+from .toy import toy_points
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,17 +35,18 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 
 @dataclass(frozen=True)
 class DatasetIndex:
-    kind: str  # "npy" (arrays on disk) or "images" (encoded PNG/JPEG)
+    kind: str  # "npy" (arrays on disk), "images" (encoded PNG/JPEG) or "memory" (the items are `points`)
     root: str
     files: tuple  # absolute paths, in index order
     labels: np.ndarray  # int64 (N,)
     classes: tuple  # class folder names; () when unlabeled
     item_shape: tuple  # (C, H, W) of a served sample
     dtype: np.dtype  # stored dtype of the arrays ("npy"); uint8 for images
+    points: np.ndarray | None = None  # "memory": the items themselves (N, *item_shape) float32
 
     @property
     def num_items(self) -> int:
-        return len(self.files)
+        return len(self.files) if self.points is None else len(self.points)
 
     @property
     def num_classes(self) -> int:
@@ -52,6 +56,10 @@ class DatasetIndex:
 def build_dataset_index(cfg: DataConfig) -> DatasetIndex:
     """Scan and validate the data named by `cfg` (building the mnist cache on first use)."""
     cfg.validate()
+    if cfg.source == "toy":
+        points = toy_points(cfg.toy, cfg.toy_points, cfg.toy_seed)  # (N, 2)
+        return DatasetIndex("memory", f"toy:{cfg.toy}", (), np.zeros(len(points), np.int64), (), points.shape[1:],
+                            points.dtype, points)
     if cfg.source == "mnist":
         from .mnist import ensure_mnist_cache
 

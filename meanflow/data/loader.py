@@ -1,4 +1,5 @@
-"""build_loader: the index, the ordering contract and a backend (DALI or the torch fallback) put together."""
+"""build_loader: the index, the ordering contract and a backend (DALI or the torch fallback; the in-memory reader
+for the toy source) put together."""
 
 from __future__ import annotations
 
@@ -53,7 +54,10 @@ class Loader:
         return perm[step * self.global_batch : (step + 1) * self.global_batch]
 
     def describe(self, item: int) -> str:
-        """The file of an item, with its index (for the mnist source, the file is in the cache)."""
+        """The file of an item, with its index (for the mnist source, the file is in the cache; for the toy source,
+        the point's index in the generated set)."""
+        if self.index.points is not None:
+            return f"{self.index.root} point {int(item)} (data.toy_seed {self.cfg.toy_seed})"
         where = " of the mnist cache" if self.cfg.source == "mnist" else ""
         return f"{self.index.files[item]} (item {int(item)}{where})"
 
@@ -107,8 +111,12 @@ def build_loader(cfg: DataConfig, global_batch: int, rank: int, world_size: int,
     index = build_dataset_index(cfg)
     if global_batch > index.num_items:
         raise DataError(f"global_batch {global_batch} exceeds the {index.num_items} items in {index.root}")
-    backend = _choose_backend(cfg)
-    if backend == "dali":
+    backend = "memory" if index.kind == "memory" else _choose_backend(cfg)
+    if backend == "memory":
+        from .memory_backend import MemoryReader
+
+        reader = MemoryReader(index, cfg.scale)
+    elif backend == "dali":
         from .dali_backend import DaliReader
 
         reader = DaliReader(index, cfg.scale, cfg.num_workers)
