@@ -103,7 +103,8 @@ def _row_order(cfg: ObjectiveConfig, batch: int, generator=None):
 def _times(cfg: ObjectiveConfig, batch: int, generator=None):
     """(r, t) in float64 with 0 <= r <= t <= 1: the min and max of two draws of the time sampler."""
     if cfg.time_sampler == "logit_normal":
-        s = torch.sigmoid(torch.randn(2, batch, generator=generator, dtype=torch.float64) * cfg.time_sigma + cfg.time_mu)
+        normal = torch.randn(2, batch, generator=generator, dtype=torch.float64)
+        s = torch.sigmoid(normal * cfg.time_sigma + cfg.time_mu)
     else:
         s = torch.rand(2, batch, generator=generator, dtype=torch.float64)
     return s.min(0).values, s.max(0).values

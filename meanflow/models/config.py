@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from meanflow.models import MODEL_NAMES
+from meanflow.models.prediction import PREDICTIONS
 
 
 @dataclass
@@ -12,6 +13,7 @@ class ModelConfig:
     in_channels: int = 4  # channels of the input; for MLP, the vector dimension
     num_classes: int = 1000  # class-conditional with this many classes (+ a null class); 0: unconditional
     time_scale: float = 1.0  # times are embedded as t * time_scale (DiT used 1000; 1 trains stably here)
+    prediction: str = "u"  # the output: "u" (the paper's) or "x", a clean image with u = (z - D) / max(t, 0.05)
 
     def validate(self):
         if self.name not in MODEL_NAMES:
@@ -21,10 +23,13 @@ class ModelConfig:
                 raise ValueError(f"model.{key}: must be > 0, got {getattr(self, key)}")
         if self.num_classes < 0:
             raise ValueError(f"model.num_classes: must be >= 0, got {self.num_classes}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"model.prediction: must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
 
     def build_kwargs(self):
         """Keyword overrides of meanflow.models.create_model for this section."""
         if self.name == "MLP":
-            return dict(dim=self.in_channels, num_classes=self.num_classes, time_scale=self.time_scale)
+            return dict(dim=self.in_channels, num_classes=self.num_classes, time_scale=self.time_scale,
+                        prediction=self.prediction)
         return dict(input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
-                    time_scale=self.time_scale)
+                    time_scale=self.time_scale, prediction=self.prediction)

@@ -27,6 +27,7 @@ from meanflow.models.layers import (
     silu_dual,
     tangent_dtype,
 )
+from meanflow.models.prediction import PREDICTIONS, velocity_from_image, velocity_from_image_tangent
 
 # ----------------------------------------------------------------------------------------------------------------------
 # blocks
@@ -143,8 +144,12 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
         time_scale: float = 1.0,
+        prediction: str = "u",
     ):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction  # "u": the output is u; "x": a clean image u is read from (models.prediction)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if num_classes < 0:
@@ -232,7 +237,8 @@ class DiT(nn.Module):
         if y is not None:
             c = c + self.y_embedder(y)
         (x,) = self._run_blocks("forward", x, c)
-        return self._unpatchify(self.final_layer(x, c))
+        out = self._unpatchify(self.final_layer(x, c))  # (B, C, H, W)
+        return out if self.prediction == "u" else velocity_from_image(z, t, out)
 
     def dual(self, z, r, t, y, dz, dr, dt):
         """(u, du): u as in forward (with its graph), du = J u . (dz, dr, dt) with no graph.
@@ -255,4 +261,7 @@ class DiT(nn.Module):
             c = c + self.y_embedder(y)  # labels are discrete: no tangent
         x, dx = self._run_blocks("dual", x, dx, c, dc)
         out, dout = self.final_layer.dual(x, dx, c, dc)
-        return self._unpatchify(out), self._unpatchify(dout)
+        out, dout = self._unpatchify(out), self._unpatchify(dout)  # (B, C, H, W) each
+        if self.prediction == "u":
+            return out, dout
+        return velocity_from_image(z, t, out), velocity_from_image_tangent(z, t, out, dz, dt, dout)

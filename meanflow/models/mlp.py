@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from meanflow.models.inputs import check_model_inputs
 from meanflow.models.layers import LabelEmbedder, TimestepEmbedder, linear_dual, silu_dual, tangent_dtype
+from meanflow.models.prediction import PREDICTIONS, velocity_from_image, velocity_from_image_tangent
 
 
 class ResidualBlock(nn.Module):
@@ -27,8 +28,12 @@ class ResidualBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int = 2, width: int = 256, depth: int = 3, num_classes: int = 0, time_scale: float = 1.0):
+    def __init__(self, dim: int = 2, width: int = 256, depth: int = 3, num_classes: int = 0, time_scale: float = 1.0,
+                 prediction: str = "u"):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction  # "u": the output is u; "x": a clean point u is read from (models.prediction)
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.dim, self.num_classes = dim, num_classes
@@ -61,7 +66,8 @@ class MLP(nn.Module):
             h = h + cy
         for block in self.blocks:
             h = block(h)
-        return self.out_proj(nn.functional.silu(h))
+        out = self.out_proj(nn.functional.silu(h))  # (B, D)
+        return out if self.prediction == "u" else velocity_from_image(z, t, out)
 
     def dual(self, z, r, t, y, dz, dr, dt):
         check_model_inputs(z, r, t, y, sample_shape=self.sample_shape, num_classes=self.num_classes,
@@ -76,4 +82,7 @@ class MLP(nn.Module):
             h = h + cy
         for block in self.blocks:
             h, dh = block.dual(h, dh)
-        return linear_dual(self.out_proj, *silu_dual(h, dh))
+        out, dout = linear_dual(self.out_proj, *silu_dual(h, dh))
+        if self.prediction == "u":
+            return out, dout
+        return velocity_from_image(z, t, out), velocity_from_image_tangent(z, t, out, dz, dt, dout)

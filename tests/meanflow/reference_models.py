@@ -64,6 +64,11 @@ def small_model(kind, dtype=torch.float64):
         model = create_model("DiT-Nano/2", input_size=4, in_channels=2, num_classes=0, hidden_size=32, num_heads=2)
     elif kind == "mlp":
         model = create_model("MLP", dim=5, width=24, depth=2, num_classes=3)
+    elif kind == "dit_x":  # the output is a clean image D, u = (z - D) / max(t, T_MIN) (meanflow.models.prediction)
+        model = create_model("DiT-Nano/2", input_size=6, in_channels=3, num_classes=4, hidden_size=32, num_heads=2,
+                             prediction="x")
+    elif kind == "mlp_x":
+        model = create_model("MLP", dim=5, width=24, depth=2, num_classes=3, prediction="x")
     else:
         raise ValueError(kind)
     return randomize(model.to(dtype))

@@ -8,7 +8,7 @@ from meanflow.jvp import u_and_dudt
 from meanflow.objective import adaptive_loss, meanflow_target
 from tests.meanflow.reference_models import random_inputs, small_model
 
-KINDS = ["dit", "dit_uncond", "mlp"]
+KINDS = ["dit", "dit_uncond", "mlp", "dit_x", "mlp_x"]
 
 
 def rel_err(a, b):
@@ -119,3 +119,18 @@ def test_activation_checkpointing_changes_nothing(seed):
     (u0, d0, g0), (u1, d1, g1) = results
     assert torch.equal(u0, u1) and torch.equal(d0, d1)
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(g0, g1))
+
+
+@pytest.mark.parametrize("kind", ["dit_x", "mlp_x"])
+def test_dual_matches_func_where_the_image_division_is_clipped(kind, seed):
+    """Rows with t below T_MIN divide by the constant T_MIN: their d tau is 0 in both engines."""
+    from meanflow.models.prediction import T_MIN
+
+    model = small_model(kind)
+    z, r, t, y, v = random_inputs(model, batch=4)
+    t = torch.tensor([0.5 * T_MIN, 0.9 * T_MIN, 2 * T_MIN, 0.6], dtype=torch.float64)
+    r = t * torch.rand(4, dtype=torch.float64)
+    u_d, du_d = u_and_dudt(model, z, r, t, y, v, engine="dual")
+    u_f, du_f = u_and_dudt(model, z, r, t, y, v, engine="func")
+    assert du_d.abs().max() > 1e-3
+    assert rel_err(u_d, u_f) <= 1e-10 and rel_err(du_d, du_f) <= 1e-10

@@ -97,3 +97,23 @@ def test_sincos_pos_embed_2d_is_mae_dit_order(dim, grid):
                 expected[i * grid + j, 2 * quarter + d] = math.sin(i * w)
                 expected[i * grid + j, 3 * quarter + d] = math.cos(i * w)
     np.testing.assert_allclose(sincos_pos_embed_2d(dim, grid), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, kw", [("DiT-Nano/2", dict(input_size=6, in_channels=3, num_classes=4)),
+                                      ("MLP", dict(dim=5, num_classes=3))])
+def test_x_prediction_reads_u_from_the_image_the_network_outputs(name, kw, seed):
+    """prediction="x": u = (z - D) / max(t, T_MIN), D being what the same weights output under prediction="u"."""
+    from meanflow.models.prediction import T_MIN
+    from tests.meanflow.reference_models import randomize
+
+    as_u = randomize(create_model(name, **kw).double())
+    as_x = create_model(name, prediction="x", **kw).double()
+    as_x.load_state_dict(as_u.state_dict())
+    z, r, t, y, _ = random_inputs(as_u, batch=5)
+    t = torch.tensor([0.3 * T_MIN, 0.2, 0.5, 0.8, 1.0], dtype=torch.float64)
+    r = t * torch.rand(5, dtype=torch.float64)
+    image = as_u(z, r, t, y)
+    tau = t.clamp_min(T_MIN).view(-1, *([1] * (z.dim() - 1)))
+    assert torch.allclose(as_x(z, r, t, y), (z - image) / tau, rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="prediction"):
+        create_model(name, prediction="eps", **kw)

@@ -1,0 +1,39 @@
+"""What a network's output means: the average velocity itself, or a clean image the velocity is read from.
+
+    "u" (MeanFlow's):  u(z, r, t) = net(z, r, t)
+    "x":               u(z, r, t) = (z - D(z, r, t)) / tau,   D = net(z, r, t),   tau = max(t, T_MIN)
+
+Why "x": a one-step sample is x = z - u(z, 0, 1), so a network that outputs u must carry the noise z through every
+block to cancel it, and what a small network fails to carry stays in the sample as speckle. On a straight path
+z_t = (1 - t) x + t e the average velocity over any [r, t] is e - x = (z_t - x) / t, so D is the clean image x at
+every (r, t); for data with many modes D is an average of clean images, smooth where u is not. The noise passes
+around the network instead of through it. Below T_MIN the division is clipped: u stays finite at t -> 0, and there
+the network can still represent any u (D = z - tau u).
+
+Dual (tangents dz, dt; dD from the network's own dual):
+    du = (dz - dD - u dtau) / tau,   dtau = dt where t > T_MIN, else 0
+"""
+
+import torch
+
+PREDICTIONS = ("u", "x")
+T_MIN = 0.05
+
+
+def _tau(t, like):
+    return t.clamp_min(T_MIN).view(-1, *([1] * (like.dim() - 1)))  # (B, 1, ...)
+
+
+def velocity_from_image(z, t, image):
+    """u = (z - D) / max(t, T_MIN), in the image's dtype (bf16 under autocast, like a plain output)."""
+    return ((z - image) / _tau(t, z)).to(image.dtype)
+
+
+@torch.no_grad()
+def velocity_from_image_tangent(z, t, image, dz, dt, dimage):
+    """du for velocity_from_image, given the tangents dz, dt and dD; in dD's dtype (u recomputed in it), no graph."""
+    td = dimage.dtype
+    tau = _tau(t, z).to(td)
+    dtau = torch.where(t > T_MIN, dt, torch.zeros_like(dt)).view_as(tau).to(td)
+    u = (z.to(td) - image.to(td)) / tau
+    return (dz.to(td) - dimage - u * dtau) / tau
