@@ -16,8 +16,9 @@ import json
 from dataclasses import dataclass, field
 
 # The paper's Table 1 default, set explicitly so that the shared row is the paper's whatever the base preset holds
-# (mnist-demo itself trains with p = 0.75 and guidance w = 2).
+# (mnist-demo itself trains with p = 0.75, guidance w = 2 and the network predicting the clean image).
 PAPER_DEFAULT = {
+    "model.prediction": "u",
     "objective.ratio_r_neq_t": 0.25,
     "objective.tangent_r": 0.0,
     "objective.tangent_t": 1.0,
