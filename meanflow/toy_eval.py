@@ -4,12 +4,12 @@ steps, against fresh draws of the run's distribution (meanflow.distances).
     from meanflow.toy_eval import evaluate_toy
     evaluate_toy("runs/toy-moons", steps=(1, 2, 100), n=5000)
     # {"swd_1nfe": ..., "energy_1nfe": ..., "swd_2nfe": ..., ..., "swd_floor": ..., "energy_floor": ...,
-    #  "n": 5000, "step": 3000, "checkpoint": ".../step_3000", "toy": "moons", "seed": 0}
+    #  "n": 5000, "step": 3000, "checkpoint": ".../step_00003000", "toy": "moons", "seed": 0}
 
 Samples: n per step count from one seeded noise tensor (N(0, I) (n, 2), seed = `seed`, default the run's train.seed),
 the same noise for every step count, so that 1-, 2- and 100-step results are paired draws; k steps walk the uniform
-time grid 1 -> 0 of meanflow.sampling.sample (k = 100 with r = t is 100 Euler steps of the instantaneous velocity,
-the flow-matching comparison).
+time grid 1 -> 0 of meanflow.sampling.sample (k = 100: average velocities over intervals of 0.01, close to 100 Euler
+steps of the instantaneous velocity, the comparison with flow matching).
 Data: 2n fresh points of data.toy drawn with the seed (data.toy_seed, seed, 1), times data.scale as the trainer
 serves them: the first n are the reference every sample set is compared with, the last n give the floor,
 swd_floor / energy_floor = the distance between two independent n-point draws of the data, i.e. what a perfect
@@ -34,9 +34,9 @@ PROJECTIONS = 512  # sliced Wasserstein directions (seed 0): within 1.5% of 8192
 
 def evaluate_toy(run_dir, steps=(1, 2), n: int = 5000, seed=None, device="cpu", checkpoint=None,
                  verify: bool = True, batch: int = 8192) -> dict:
-    """Distances of the run's EMA samples at each step count to the data, and the data-vs-data floor (see the
-    module docstring). A run that is not a toy run, bad steps or n, or non-finite samples raise ConfigError or
-    CheckpointError naming the problem."""
+    """Distances of the run's EMA samples at each step count (an int or a sequence of ints) to the data, and the
+    data-vs-data floor (see the module docstring). A run that is not a toy run, bad steps or n, or non-finite
+    samples raise ConfigError or CheckpointError naming the problem; so does a damaged checkpoint (load_run)."""
     steps = [steps] if isinstance(steps, int) else list(steps)
     if not steps or any(not isinstance(k, int) or k < 1 for k in steps):
         raise ConfigError(f"--steps: step counts must be positive integers, got {steps!r}")
