@@ -17,7 +17,8 @@ same command on an existing run folder (train.out) resumes from its newest compl
 
 def help_text() -> str:
     lines = [USAGE, "", "presets (--config NAME):"]
-    lines += [f"  {name:<14}{text}" for name, text in PRESET_HELP.items()]
+    width = max(map(len, PRESET_HELP)) + 2
+    lines += [f"  {name:<{width}}{text}" for name, text in PRESET_HELP.items()]
     defaults = Config()
     for section, cls in section_types().items():
         docs = field_docs(cls)

@@ -90,7 +90,7 @@ PRESETS = {
 }
 
 PRESET_HELP = {
-    "mnist-demo": "the default: class-conditional DiT-Micro/4 on 5000 embedded MNIST digits, ~10 min on 2 CPU cores",
+    "mnist-demo": "the default: class-conditional DiT-Micro/8 (clean-image output) on 5000 embedded MNIST digits",
     "smoke": "a tiny DiT and 6 steps on MNIST: seconds on a CPU",
     "imagenet-B2": "the paper's DiT-B/2 on ImageNet 256 SD-VAE latents (data.root: a latent folder), bf16",
     "imagenet-M2": "the paper's DiT-M/2 recipe, as imagenet-B2",
