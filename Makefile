@@ -55,7 +55,7 @@ bench: $(STAMP)
 # ABLATIONS_ARGS passes options, e.g. ABLATIONS_ARGS="--steps 1250 --nfe 1,2" for a longer budget.
 ABLATIONS_ARGS ?=
 ablations: $(STAMP)
-	$(PY) -m meanflow.experiments ablations $(ABLATIONS_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m meanflow.experiments ablations $(ABLATIONS_ARGS)
 
 # On a GPU machine with torch and triton preinstalled (no .venv, no network): the CUDA tests, the GPU benchmarks and
 # two short torchrun runs, within 8 minutes, everything under $(GPU_CHECK_OUT) (see README, "GPU check"). Without

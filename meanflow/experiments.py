@@ -1,7 +1,7 @@
 """The MeanFlow paper's Table 1 at small scale: a fixed-budget grid of short trainings on the embedded MNIST, each
 evaluated, written up as docs/ablations.md with figures under docs/ablations/.
 
-    python -m meanflow.experiments ablations [--base mnist-demo] [--steps N] [--n 500] [--no-toys]
+    python -m meanflow.experiments ablations [--base mnist-demo] [--steps N] [--n 300] [--no-toys]
     python -m meanflow.experiments toys      [--toy-steps N] [--toy-n 2000]   # the 2-D toy section alone
     python -m meanflow.experiments ablations --quick --base smoke             # a test-sized grid, seconds a run
     python -m meanflow.experiments ablations --dry-run                        # the distinct runs, nothing trained
@@ -13,7 +13,7 @@ run: 11 distinct runs, each `python -m meanflow.train` in one process, then mean
 overrides, so rerunning the same command after a crash or Ctrl-C resumes: finished runs are not trained again and
 the run in progress continues from its checkpoint. Only the markdown and the figures go to docs/.
 
-Default budget (--steps 600 at the preset's batch 64, --n 500, 1-NFE): what docs/ablations.md was made with; its
+Default budget (--steps 600 at the preset's batch 64, --n 300, 1-NFE): what docs/ablations.md was made with; its
 tables record each run's wall time (README, Ablations), plus about 10 minutes for the toys. Exit status:
 0 done, 2 bad arguments (one line naming the argument), 1 a run that failed for another reason than divergence (the
 line names its log), 75 interrupted (rerun to resume).
@@ -30,7 +30,7 @@ from meanflow.config import PRESETS, ConfigError, resolve_config
 
 PROG = "meanflow.experiments"
 DEFAULT_STEPS = 600  # README, Ablations: what fits about 40 minutes on 2 CPU cores with DiT-Micro/8
-DEFAULT_N = 500
+DEFAULT_N = 300
 DEFAULT_TOY_N = 2000
 QUICK = {"steps": 2, "n": 8, "toy_steps": 2, "toy_n": 64}
 INTERRUPTED = 75
@@ -49,7 +49,7 @@ def build_parser():
     p.add_argument("--batch", type=int, default=None, help="train.global_batch of every run (default: the preset's)")
     p.add_argument("--n", type=int, default=None, help=f"samples per FID (default {DEFAULT_N})")
     p.add_argument("--nfe", default="1", help="step counts every MNIST run is evaluated at, comma-separated "
-                   "(default 1; 1,2 adds the 2-NFE column, ~50 s a run at n = 500); flow matching adds 50")
+                   "(default 1; 1,2 adds the 2-NFE column, ~50 s a run at n = 300); flow matching adds 50")
     p.add_argument("--toy-steps", type=int, default=None, help="train.steps of the toy runs (default: the presets')")
     p.add_argument("--toy-n", type=int, default=None, help=f"samples per toy distance (default {DEFAULT_TOY_N})")
     p.add_argument("--out", default="runs/ablations", help="the run folders and cached results (never in docs/)")
