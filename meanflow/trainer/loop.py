@@ -110,7 +110,7 @@ class Trainer:
         self._build_model()
         self.step = checkpointing.resume(resume, self, log) if resume is not None else 0
         if resume is not None:  # the checkpoint's optimizer state brought its own lr, betas and weight decay
-            set_hyperparameters(self.optimizer, cfg.optim, self.step)
+            set_hyperparameters(self.optimizer, cfg.optim, self.step, cfg.train.steps)
         self.resumed_at = self.step if resume is not None else None
         summary = run_summary(self)
         if d.is_main:
@@ -176,8 +176,8 @@ class Trainer:
                 finite, loss, mse, grad_norm = self.train_step(x, y)
                 self.step += 1
                 self._count_bad_steps(finite, loss, grad_norm, x)
-                logged = metrics.step_done(self.step, loss, mse, grad_norm, lr_at(cfg.optim, self.step - 1),
-                                           self.skipped_steps)
+                lr = lr_at(cfg.optim, self.step - 1, cfg.train.steps)
+                logged = metrics.step_done(self.step, loss, mse, grad_norm, lr, self.skipped_steps)
                 if logged and metrics.lines == 2 and d.is_main:  # the first line's step time includes start-up
                     checkpointing.warn_about_cadence(cfg.checkpoint, metrics.last_step_time_s, log)
                 self.pictures.at_step(self.ema.module, self.step)
@@ -270,7 +270,7 @@ class Trainer:
         mse = d.all_reduce_mean(stats["mse"].float())
         finite = bool(torch.isfinite(loss_mean)) and bool(torch.isfinite(grad_norm))
         if finite:
-            set_lr(self.optimizer, lr_at(cfg.optim, self.step))
+            set_lr(self.optimizer, lr_at(cfg.optim, self.step, cfg.train.steps))
             self.optimizer.step()
             self.ema.update(self.model, self.step)
         self.optimizer.zero_grad(set_to_none=True)
