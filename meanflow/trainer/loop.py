@@ -23,6 +23,7 @@ from meanflow.checkpoint import checkpoint_root
 from meanflow.data import DataError, build_loader
 from meanflow.ema import EMA
 from meanflow.errors import ConfigError
+from meanflow.flops import config_step_flops, peak_flops_per_device
 from meanflow.models import create_model
 from meanflow.models.layers import TANGENT_PRECISIONS
 from meanflow.objective import draw, meanflow_loss
@@ -168,8 +169,10 @@ class Trainer:
         if not self.setup():
             return
         cfg, d = self.cfg, self.d
+        peak = peak_flops_per_device(d.device, self.dtype, cfg.train.tf32, cfg.log.peak_tflops)  # None: no MFU
         metrics = MetricsLog(cfg.log, self.run_dir, active=d.is_main, total=cfg.train.steps, start=self.step,
-                             global_batch=cfg.train.global_batch, device=d.device, tensorboard=self.tensorboard)
+                             global_batch=cfg.train.global_batch, device=d.device, tensorboard=self.tensorboard,
+                             step_flops=config_step_flops(cfg), world_size=d.world_size, peak_flops=peak)
         saved_at, saved = self.resumed_at, None  # a finished run restarted has nothing new to save
         with metrics:
             for x, y in self.batches(metrics):

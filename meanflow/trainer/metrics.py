@@ -2,12 +2,16 @@
 progress bar (rank 0 only), with the step timing they share. The pictures (samples/step_<step>.png every
 log.sample_every steps, loss.png) are meanflow.trainer.pictures'.
 
-Each metrics.jsonl line: step, loss, mse, grad_norm, lr, img_per_s and step_time_s (over the steps since the last
-line), data_wait_frac (share of that time spent waiting for batches), peak_mem_mib, skipped_steps (non-finite steps
-so far).
+Each metrics.jsonl line: step, loss, mse, grad_norm, lr, img_per_s (images per second over all ranks) and
+step_time_s (over the steps since the last line), tflops_per_device (model TFLOP/s of one device: the step's FLOPs
+per image, meanflow.flops, times img_per_s over the world size), mfu (that over the device's peak rate in the
+compute dtype; null where there is no peak: on a CPU, or a GPU neither in meanflow.flops.PEAKS nor given by
+log.peak_tflops), data_wait_frac (share of the time spent waiting for batches), peak_mem_mib, skipped_steps
+(non-finite steps so far).
 """
 
 import json
+import logging
 import os
 import resource
 import sys
@@ -17,7 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from meanflow.errors import ConfigError
+from meanflow.flops import mfu
 from meanflow.trainer.run_folder import METRICS
+
+log = logging.getLogger("meanflow.train")
 
 
 @dataclass
@@ -26,12 +33,15 @@ class LogConfig:
     progress: bool = True  # tqdm progress bar on rank 0
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <train.out>/tensorboard
     sample_every: int = 0  # steps between <train.out>/samples/step_<step>.png (EMA, 1-NFE, 4 a class); 0: none
+    peak_tflops: float = 0.0  # one device's peak TFLOP/s for MFU; 0: by device name from meanflow.flops.PEAKS
 
     def validate(self):
         if self.every <= 0:
             raise ValueError(f"log.every: must be > 0, got {self.every}")
         if self.sample_every < 0:
             raise ValueError(f"log.sample_every: must be >= 0 (0: no sample grids), got {self.sample_every}")
+        if not self.peak_tflops >= 0:
+            raise ValueError(f"log.peak_tflops: must be >= 0 (0: from the device's name), got {self.peak_tflops}")
 
 
 def tensorboard_factory(cfg: LogConfig, run_dir):
@@ -54,15 +64,22 @@ def peak_memory_mib(device):
 class MetricsLog:
     """Opened around the training loop (a context manager); a no-op on ranks other than 0."""
 
-    def __init__(self, cfg: LogConfig, run_dir, *, active, total, start, global_batch, device, tensorboard=None):
+    def __init__(self, cfg: LogConfig, run_dir, *, active, total, start, global_batch, device, tensorboard=None,
+                 step_flops=0.0, world_size=1, peak_flops=None):
+        """step_flops: model FLOPs of a step per image; peak_flops: one device's peak FLOP/s, or None (no MFU)."""
         self.cfg, self.active, self.total, self.start = cfg, active, total, start
         self.global_batch, self.device, self._tensorboard = global_batch, device, tensorboard
+        self.step_flops, self.world_size, self.peak_flops = step_flops, world_size, peak_flops
         self.path = os.path.join(run_dir, METRICS)
         self.file = self.board = self.bar = None
         self.lines, self.last_step_time_s = 0, None  # metrics lines written so far, and the latest one's step time
         self._window()
 
     def __enter__(self):
+        if self.active and self.device.type == "cuda" and self.peak_flops is None:
+            log.warning("mfu: no peak rate for %r in meanflow.flops.PEAKS, so MFU is not logged; give one device's "
+                        "dense TFLOP/s in the compute dtype with --log.peak_tflops",
+                        torch.cuda.get_device_name(self.device))
         if self.active:
             self.file = open(self.path, "a")
             self.board = self._tensorboard() if self._tensorboard is not None else None
@@ -104,8 +121,11 @@ class MetricsLog:
 
     def _write(self, step, loss, mse, grad_norm, lr, skipped):
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        row = {"step": step, "loss": loss, "mse": mse, "grad_norm": grad_norm, "lr": lr,
-               "img_per_s": self.steps * self.global_batch / elapsed, "step_time_s": elapsed / max(self.steps, 1),
+        img_per_s = self.steps * self.global_batch / elapsed
+        row = {"step": step, "loss": loss, "mse": mse, "grad_norm": grad_norm, "lr": lr, "img_per_s": img_per_s,
+               "step_time_s": elapsed / max(self.steps, 1),
+               "tflops_per_device": self.step_flops * img_per_s / self.world_size / 1e12,
+               "mfu": mfu(self.step_flops, img_per_s, self.world_size, self.peak_flops),
                "data_wait_frac": self.wait / elapsed, "peak_mem_mib": peak_memory_mib(self.device),
                "skipped_steps": skipped}
         self._window()
@@ -116,8 +136,9 @@ class MetricsLog:
         self.file.flush()
         if self.board is not None:
             for key, value in row.items():
-                if key != "step":
+                if key != "step" and value is not None:
                     self.board.add_scalar(f"train/{key}", value, step)
         if self.bar is not None:
+            speed = {"mfu": f"{row['mfu']:.1%}"} if row["mfu"] is not None else {}
             self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['img_per_s']:.0f}",
-                                 step_s=f"{row['step_time_s']:.3f}", refresh=False)
+                                 step_s=f"{row['step_time_s']:.3f}", **speed, refresh=False)

@@ -1,15 +1,15 @@
 """The run summary: what a run runs on, printed once at its start and stored as <train.out>/summary.json.
 
-FLOPs per image of a training step are counted, not guessed: one forward of the model on meta tensors under
-torch's FlopCounterMode gives F, and a MeanFlow step costs about (4 + 2 g) F per image: the primal forward, the
-tangent (one more forward's worth of matmuls, DESIGN.md), the backward (2 F), and g = 1 when guidance in training
-evaluates u(z, t, t | y) and u(z, t, t | null) too (under no_grad, over the whole batch).
+FLOPs per image: the forward is counted, not guessed (one forward of the model on meta tensors under torch's
+FlopCounterMode); a training step's is meanflow.flops' explicit count of the objective's passes (forward, backward,
+the r != t rows' dual pass, guidance forwards), the same number MFU in metrics.jsonl is computed from.
 """
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mfkernels
+from meanflow.flops import config_step_flops
 from meanflow.models import create_model
 from mfkernels._backend import backend_summary
 
@@ -36,7 +36,6 @@ def run_summary(trainer) -> dict:
     cfg, d, model = trainer.cfg, trainer.d, trainer.ema.module
     dtype = str(trainer.dtype).removeprefix("torch.")
     f = forward_flops(cfg)
-    guided = cfg.objective.guided and cfg.model.num_classes > 0
     device = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
     return {
         "device": f"{d.world_size} x {device}" if d.initialized else device,
@@ -46,7 +45,7 @@ def run_summary(trainer) -> dict:
                       "reduce": "float32", "tf32": cfg.train.tf32},
         "parameters": sum(p.numel() for p in model.parameters()),
         "forward_flops_per_image": f,
-        "step_flops_per_image": (4 + 2 * guided) * f,
+        "step_flops_per_image": config_step_flops(cfg),
         "data": {"source": cfg.data.source, "backend": trainer.loader.backend, "items": trainer.loader.num_items,
                  "steps_per_epoch": trainer.loader.steps_per_epoch},
         "kernels": backend_summary(d.device),

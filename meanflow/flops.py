@@ -1,0 +1,345 @@
+"""FLOPs of one MeanFlow training step, the devices' peak rates, MFU, and a memory estimate per preset.
+
+A matmul of (m, k) by (k, n) costs 2 m n k FLOPs. Per image, a DiT of depth L, width D, H heads, MLP width M (4 D),
+T = (input_size / patch)^2 tokens of C p^2 values each and the embedders' 256 sinusoid features, forward:
+
+    patch embed         2 T (C p^2) D                      (a stride-p convolution: a matmul per token)
+    t and (t - r)       2 x 2 (256 D + D^2)                (two time embedders, each Linear-SiLU-Linear)
+    per block           adaLN 2 D (6 D)  +  qkv 2 T D (3 D)  +  attention 2 T^2 D (Q K^T) + 2 T^2 D (P V)
+                        +  out proj 2 T D^2  +  MLP 2 x 2 T D M
+    final layer         adaLN 2 D (2 D)  +  linear 2 T D (p^2 C)
+
+Neglected: everything that is not a matmul (LayerNorm, modulation, softmax, GELU/SiLU, residuals, biases, the
+sinusoids, the label lookup): O(T D) per layer against O(T D^2), under 1% for the paper's sizes. This is the count
+torch.utils.flop_counter.FlopCounterMode makes layer by layer (tests/meanflow/test_flops.py).
+
+Write F for the forward, A for its attention part (L x 4 T^2 D) and E for the layers whose input needs no gradient
+(the patch embed and the first Linear of each time embedder: their backward computes the weight gradient only).
+
+    backward of a forward F      2 F - E              (input and weight gradients, each a matmul of the forward's size)
+    dual forward (primal + tangent, models/layers.py, DESIGN.md)    2 F + A
+        every Linear and the patch embed run once more on the tangent (dy = dx W^T); attention's tangent is four
+        matmuls (dq k^T, q dk^T, (P dS) V, P dV) against the primal's two (Q K^T, P V)
+
+A step per image (meanflow/objective.py, meanflow_loss), with rho the share of rows with r != t (exactly
+round(ratio_r_neq_t G) / G of a global batch G) and g guidance forwards:
+
+    ratio_r_neq_t = 0 (flow matching)          F + (2 F - E)                                  + g F
+    ratio_r_neq_t <= JVP_SPLIT_MAX_RATIO       F + (2 F - E) + rho (2 F + A)                  + g F
+        (a forward of all rows with gradients, its backward, a no-grad dual pass of the r != t rows)
+    otherwise                                  (2 F + A) + (2 F - E)                          + g F
+        (one dual pass of all rows with gradients; the tangent is under no_grad, so the backward is the primal's)
+
+    g = [cfg_k != 0] + [1 - cfg_w - cfg_k != 0] on a class-conditional model with guidance in training (the no-grad
+        forwards u(z, t, t | y) and u(z, t, t | null) of objective.guided_velocity, over every row), else 0.
+
+These are model FLOPs (PaLM's convention): recomputation is not counted, neither activation checkpointing's second
+forward nor the flash attention backward's second Q K^T, nor the torch reference attention's P recomputed in fp32
+for an fp32 tangent on a bf16 primal. A rank that drew no r != t row runs its dual pass on one row (its model calls
+must match the others'): ignored.
+
+MFU = step FLOPs per image x images/s over all ranks / (world size x the device's peak), the peak being the dense
+(no 2:4 sparsity) tensor-core rate of the compute dtype: bf16 under train.precision bf16, TF32 under fp32 with
+train.tf32 (FP32 without it), from NVIDIA's data sheets (PEAKS). Under bf16 the fp32 tangent's matmuls run at TF32's
+rate, half bf16's, so a bf16 run's MFU counts them at a rate they cannot reach. No CUDA device: no peak, no MFU.
+"""
+
+import argparse
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from meanflow.models import DIT_SIZES
+from meanflow.models.mlp import MLP
+from meanflow.objective import JVP_SPLIT_MAX_RATIO
+
+FREQ_DIM = 256  # sinusoid features of the time embedders (meanflow.models.layers.TimestepEmbedder)
+CONV_HEAD_HIDDEN = 32  # channels of the DiT's optional conv head (model.head "conv": two 3x3 convolutions)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the forward, layer by layer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForwardFlops:
+    """FLOPs of one forward for one image: per layer (keyed by the model's module names; a block's attention core
+    is ``blocks.<i>.attn.core``), the attention core's share and that of the layers whose input needs no gradient."""
+
+    layers: dict
+    attention: int
+    no_input_grad: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.layers.values())
+
+
+def _linear(m, k, n):
+    return 2 * m * k * n
+
+
+def _time_embedder(prefix, hidden):
+    return {f"{prefix}.mlp.0": _linear(1, FREQ_DIM, hidden), f"{prefix}.mlp.2": _linear(1, hidden, hidden)}
+
+
+def dit_forward_flops(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio=4.0,
+                      head="linear"):
+    """ForwardFlops of meanflow.models.dit.DiT with these sizes (num_heads does not change the count). The conv
+    head adds two 3x3 convolutions over the input_size^2 pixels: 2 S^2 (9 C) h + 2 S^2 (9 h) C, h its width."""
+    T, D, P = (input_size // patch_size) ** 2, hidden_size, patch_size * patch_size * in_channels
+    M = int(D * mlp_ratio)
+    layers = {"x_embedder": _linear(T, P, D), **_time_embedder("t_embedder", D), **_time_embedder("h_embedder", D)}
+    for i in range(depth):
+        b = f"blocks.{i}"
+        layers.update({
+            f"{b}.adaLN_modulation.1": _linear(1, D, 6 * D),
+            f"{b}.attn.qkv": _linear(T, D, 3 * D),
+            f"{b}.attn.core": 2 * _linear(T, D, T),  # Q K^T and P V, all heads together
+            f"{b}.attn.proj": _linear(T, D, D),
+            f"{b}.mlp.fc1": _linear(T, D, M),
+            f"{b}.mlp.fc2": _linear(T, M, D),
+        })
+    layers.update({"final_layer.adaLN_modulation.1": _linear(1, D, 2 * D), "final_layer.linear": _linear(T, D, P)})
+    if head == "conv":
+        pixels, h = input_size * input_size, CONV_HEAD_HIDDEN
+        layers.update({"conv_head.conv_1": _linear(pixels, 9 * in_channels, h),
+                       "conv_head.conv_2": _linear(pixels, 9 * h, in_channels)})
+    no_grad_in = layers["x_embedder"] + layers["t_embedder.mlp.0"] + layers["h_embedder.mlp.0"]
+    return ForwardFlops(layers, depth * layers["blocks.0.attn.core"] if depth else 0, no_grad_in)
+
+
+def mlp_forward_flops(dim, width=None, depth=None):
+    """ForwardFlops of meanflow.models.mlp.MLP (its default width and depth unless given)."""
+    defaults = inspect.signature(MLP.__init__).parameters
+    width = defaults["width"].default if width is None else width
+    depth = defaults["depth"].default if depth is None else depth
+    layers = {"in_proj": _linear(1, dim, width), **_time_embedder("t_embedder", width),
+              **_time_embedder("h_embedder", width)}
+    for i in range(depth):
+        layers.update({f"blocks.{i}.fc1": _linear(1, width, width), f"blocks.{i}.fc2": _linear(1, width, width)})
+    layers["out_proj"] = _linear(1, width, dim)
+    no_grad_in = layers["in_proj"] + layers["t_embedder.mlp.0"] + layers["h_embedder.mlp.0"]
+    return ForwardFlops(layers, 0, no_grad_in)
+
+
+def model_forward_flops(model_cfg) -> ForwardFlops:
+    """ForwardFlops of the network a ``model.*`` config section (meanflow.models.config.ModelConfig) builds."""
+    if model_cfg.name == "MLP":
+        return mlp_forward_flops(model_cfg.in_channels)
+    size, patch = model_cfg.name[len("DiT-"):].split("/")
+    depth, hidden, heads = DIT_SIZES[size]
+    return dit_forward_flops(model_cfg.input_size, int(patch), model_cfg.in_channels, hidden, depth, heads,
+                             head=getattr(model_cfg, "head", "linear"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the step
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def guidance_forwards(objective_cfg, conditional: bool) -> int:
+    """g: the no-grad forwards per image that guidance in training adds (objective.guided_velocity)."""
+    if not (conditional and objective_cfg.guided):
+        return 0
+    return int(objective_cfg.cfg_k != 0.0) + int(1.0 - objective_cfg.cfg_w - objective_cfg.cfg_k != 0.0)
+
+
+def r_neq_t_share(objective_cfg, global_batch=None) -> float:
+    """rho: the share of a global batch with r != t (objective.draw takes an exact count of rows)."""
+    ratio = objective_cfg.ratio_r_neq_t
+    if global_batch is None:
+        return ratio
+    return (global_batch - round((1.0 - ratio) * global_batch)) / global_batch
+
+
+def step_flops_per_image(fwd: ForwardFlops, objective_cfg, conditional: bool, global_batch=None) -> float:
+    """FLOPs of one MeanFlow training step per image (module docstring)."""
+    F, A, E = fwd.total, fwd.attention, fwd.no_input_grad
+    guidance = guidance_forwards(objective_cfg, conditional) * F
+    if objective_cfg.ratio_r_neq_t == 0.0:
+        return F + (2 * F - E) + guidance
+    if objective_cfg.ratio_r_neq_t <= JVP_SPLIT_MAX_RATIO:
+        return F + (2 * F - E) + r_neq_t_share(objective_cfg, global_batch) * (2 * F + A) + guidance
+    return (2 * F + A) + (2 * F - E) + guidance
+
+
+def config_step_flops(cfg) -> float:
+    """step_flops_per_image for a whole run config (meanflow.config.Config)."""
+    return step_flops_per_image(model_forward_flops(cfg.model), cfg.objective, cfg.model.num_classes > 0,
+                                cfg.train.global_batch)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# peak rates and MFU
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DevicePeak:
+    """Dense peak TFLOP/s of one GPU (NVIDIA's data sheets list bf16 and TF32 tensor rates "with sparsity", twice
+    these)."""
+
+    name: str
+    bf16: float
+    tf32: float
+    fp32: float  # CUDA cores, no tensor cores: fp32 with train.tf32=false
+    source: str
+
+
+# First match wins: more specific names before their prefixes (H100 NVL before H100, L40S before L40 before L4).
+PEAKS = [
+    (r"\bB200\b", DevicePeak("B200 (HGX)", 2250, 1100, 75, "HGX B200 data sheet (per GPU)")),
+    (r"\bH200\b.*\bNVL\b", DevicePeak("H200 NVL", 835.5, 417.5, 60, "H200 data sheet")),
+    (r"\bH200\b", DevicePeak("H200 SXM", 989.5, 494.5, 67, "H200 data sheet")),
+    (r"\bH100\b.*\bNVL\b", DevicePeak("H100 NVL", 835.5, 417.5, 60, "H100 data sheet")),
+    (r"\bH100\b.*\bPCIe\b", DevicePeak("H100 PCIe", 756.5, 378, 51, "H100 data sheet")),
+    (r"\bH100\b", DevicePeak("H100 SXM", 989.5, 494.5, 67, "H100 data sheet")),
+    (r"\bA100\b", DevicePeak("A100 (SXM or PCIe)", 312, 156, 19.5, "A100 data sheet")),
+    (r"\bL40S\b", DevicePeak("L40S", 362.05, 183, 91.6, "L40S data sheet")),
+    (r"\bL40\b", DevicePeak("L40", 181.05, 90.5, 90.5, "L40 data sheet")),
+    (r"\bL4\b", DevicePeak("L4", 121, 60, 30.3, "L4 data sheet")),
+    (r"\bA10\b", DevicePeak("A10", 125, 62.5, 31.2, "A10 data sheet")),
+]
+
+
+def device_peak(device_name: str):
+    """The DevicePeak of a CUDA device name (torch.cuda.get_device_name), or None for a device not in PEAKS."""
+    for pattern, peak in PEAKS:
+        if re.search(pattern, device_name, re.IGNORECASE):
+            return peak
+    return None
+
+
+def peak_flops_per_device(device, compute_dtype, tf32: bool, override_tflops: float = 0.0):
+    """FLOP/s one device can reach in the step's compute dtype: override_tflops when > 0 (log.peak_tflops), else
+    from PEAKS; None on a CPU or a GPU not in the table (MFU is then not logged)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if torch.device(device).type != "cuda":
+        return None
+    peak = device_peak(torch.cuda.get_device_name(device))
+    if peak is None:
+        return None
+    rate = peak.bf16 if compute_dtype in (torch.bfloat16, torch.float16) else (peak.tf32 if tf32 else peak.fp32)
+    return rate * 1e12
+
+
+def mfu(step_flops: float, images_per_s: float, world_size: int, peak_flops):
+    """Model FLOPs utilisation: achieved model FLOP/s over world_size x the peak; None without a peak."""
+    if not peak_flops:
+        return None
+    return step_flops * images_per_s / (world_size * peak_flops)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# memory per GPU, estimated
+# ----------------------------------------------------------------------------------------------------------------------
+
+STATE_BYTES_PER_PARAM = 20  # fp32 weights 4 + fp32 gradients 4 + AdamW's two moments 8 + the fp32 EMA 4
+SAVED_PER_TOKEN_PER_BLOCK = 18  # activations a DiT block keeps for its backward, in units of D values per token
+
+
+def parameter_count(model_cfg) -> int:
+    from meanflow.models import create_model
+
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = create_model(model_cfg.name, **model_cfg.build_kwargs())
+    return sum(p.numel() for p in model.parameters())
+
+
+def memory_per_gpu_bytes(cfg, gpus: int = 8, activation_checkpointing: bool = False) -> float:
+    """Estimated (not measured) peak memory of one of `gpus` GPUs training cfg under FSDP2.
+
+        state        20 N / gpus                          (N parameters: fp32 weights, gradients, AdamW m and v, EMA)
+        gathered     N_block (2 x 2 + 4)                  (two blocks' bf16 weights, current and prefetched, and one
+                                                           block's fp32 gradient before its reduce-scatter)
+        activations  b L T D s a                          without checkpointing, a = 18 per token per block:
+                       x and modulated x (2), q k v (3), attention output (1), out proj (1), x and modulated x (2),
+                       MLP hidden before and after GELU (2 x 4), MLP output (1); flash attention keeps no T x T
+                     b T D s (L + 18)                     with activation checkpointing: each block's input, plus
+                                                           one block recomputed in the backward
+    b = train.global_batch / gpus images, s = 2 bytes (bf16 compute on GPUs) or 4 (train.precision fp32). Left out:
+    the no-grad passes (guidance forwards, the r != t dual pass: freed layer by layer), the CUDA context and the
+    allocator's fragmentation (often 1-3 GiB), and non-DiT models' activations (counted as zero).
+    """
+    n = parameter_count(cfg.model)
+    b = cfg.train.global_batch / gpus
+    s = 4 if cfg.train.precision == "fp32" else 2
+    if cfg.model.name == "MLP":
+        return STATE_BYTES_PER_PARAM * n / gpus
+    size, patch = cfg.model.name[len("DiT-"):].split("/")
+    L, D, _ = DIT_SIZES[size]
+    T = (cfg.model.input_size // int(patch)) ** 2
+    n_block = 18 * D * D  # qkv 3 D^2, proj D^2, MLP 8 D^2, adaLN 6 D^2 (biases neglected)
+    per_token_blocks = (L + SAVED_PER_TOKEN_PER_BLOCK) if activation_checkpointing else L * SAVED_PER_TOKEN_PER_BLOCK
+    return STATE_BYTES_PER_PARAM * n / gpus + n_block * 8 + b * T * D * s * per_token_blocks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the README tables: python -m meanflow.flops --table | --peaks
+# ----------------------------------------------------------------------------------------------------------------------
+
+PAPER_FID_1NFE = {"imagenet-B2": 6.17, "imagenet-M2": 5.01, "imagenet-L2": 3.84, "imagenet-XL2": 3.43}  # Table 2
+TABLE_PRESETS = ("imagenet-B2", "imagenet-M2", "imagenet-L2", "imagenet-XL2", "mnist-demo")
+
+
+def preset_row(name, gpus=8):
+    from meanflow.config import PRESETS, Config, apply_overrides
+
+    cfg = apply_overrides(Config(), PRESETS[name]())  # not validated: the ImageNet presets need a data.root
+    fwd = model_forward_flops(cfg.model)
+    gib = 2.0**30
+    return {
+        "preset": name, "model": cfg.model.name, "parameters": parameter_count(cfg.model),
+        "forward_gflops": fwd.total / 1e9, "step_gflops": config_step_flops(cfg) / 1e9,
+        "batch_per_gpu": cfg.train.global_batch / gpus,
+        "memory_gib": memory_per_gpu_bytes(cfg, gpus) / gib,
+        "memory_gib_checkpointed": memory_per_gpu_bytes(cfg, gpus, activation_checkpointing=True) / gib,
+        "fid_1nfe": PAPER_FID_1NFE.get(name),
+    }
+
+
+def preset_table(gpus=8) -> str:
+    lines = [f"| preset | model | parameters | GFLOPs forward | GFLOPs per step | images per GPU at {gpus} GPUs | "
+             "memory per GPU, GiB (estimated) | with activation checkpointing (estimated) | paper 1-NFE FID |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in TABLE_PRESETS:
+        r = preset_row(name, gpus)
+        fid = "-" if r["fid_1nfe"] is None else f"{r['fid_1nfe']:.2f}"
+        lines.append(f"| {name} | {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['forward_gflops']:.4g} | "
+                     f"{r['step_gflops']:.4g} | {r['batch_per_gpu']:g} | {r['memory_gib']:.2f} | "
+                     f"{r['memory_gib_checkpointed']:.2f} | {fid} |")
+    return "\n".join(lines)
+
+
+def peaks_table() -> str:
+    lines = ["| device | bf16 dense TFLOP/s | TF32 dense TFLOP/s | FP32 TFLOP/s | source |", "|---|---|---|---|---|"]
+    for _, p in PEAKS:
+        lines.append(f"| {p.name} | {p.bf16:g} | {p.tf32:g} | {p.fp32:g} | NVIDIA {p.source} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meanflow.flops", description=__doc__.split("\n")[0])
+    parser.add_argument("--table", action="store_true", help="the README's per-preset table (markdown)")
+    parser.add_argument("--peaks", action="store_true", help="the peak-rate table MFU uses (markdown)")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs the memory estimate shards over (default 8)")
+    args = parser.parse_args(argv)
+    if args.gpus <= 0:
+        parser.error(f"--gpus: must be > 0, got {args.gpus}")
+    if not (args.table or args.peaks):
+        parser.error("nothing to print: give --table and/or --peaks")
+    if args.table:
+        print(preset_table(args.gpus))
+    if args.peaks:
+        print(peaks_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,192 @@
+"""meanflow.flops: the explicit FLOP count against torch's FlopCounterMode, layer by layer and for whole MeanFlow
+steps; the peak table's name lookup; MFU; the README table's command; a CPU run logs throughput and a null MFU.
+
+Tolerance: none, the counts are integers compared for equality. FlopCounterMode counts exactly the matmul-like ops
+(mm, addmm, bmm, convolution and their backwards, SDPA) with the same 2 m n k rule, and nothing else; meanflow.flops
+neglects exactly the ops it does not count (norms, softmax, activations, residuals, biases). An off-by-one in a
+layer's shape, a missed layer, a tangent matmul too many or a wrong share of r != t rows all change the integer.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import mfkernels
+from meanflow import flops
+from meanflow.models import create_model
+from meanflow.objective import ObjectiveConfig, draw, meanflow_loss
+from tests.meanflow.cli import cli_env, run
+
+
+@pytest.fixture
+def torch_ops():
+    """The torch reference ops (what FlopCounterMode can see; a native CPU kernel would hide its matmuls)."""
+    previous = mfkernels.get_backend()
+    mfkernels.set_backend("torch")
+    yield
+    mfkernels.set_backend(previous)
+
+
+def counted_layers(model, *inputs):
+    """{module name: FLOPs} of one forward on meta tensors, attention's core as ``blocks.<i>.attn.core``."""
+    with FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    root = type(model).__name__
+    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    layers = {}
+    for name, value in per_module.items():
+        if name.endswith(".attn"):
+            layers[name[len(root) + 1:] + ".core"] = value - per_module[name + ".qkv"] - per_module[name + ".proj"]
+        elif name.startswith(root + ".") and not any(other.startswith(name + ".") for other in per_module):
+            layers[name[len(root) + 1:]] = value  # leaves only: parents hold their children's sums
+    return layers, counter.get_total_flops()
+
+
+DIT_CASES = {  # (model name, overrides): the paper's XL/2 (on meta tensors: no memory, no compute) and odd sizes
+    "XL/2 ImageNet": ("DiT-XL/2", dict(input_size=32, in_channels=4, num_classes=1000)),
+    "Nano/4 odd": ("DiT-Nano/4", dict(input_size=12, in_channels=3, num_classes=7)),
+    "Micro/8 unconditional": ("DiT-Micro/8", dict(input_size=32, in_channels=1, num_classes=0)),
+}
+
+
+@pytest.mark.parametrize("case", list(DIT_CASES))
+def test_dit_forward_matches_flop_counter_layer_by_layer(case, torch_ops):
+    name, kw = DIT_CASES[case]
+    with torch.device("meta"):
+        model = create_model(name, **kw).to("meta")
+        model.check_values = False
+        z, t = torch.zeros(1, kw["in_channels"], kw["input_size"], kw["input_size"]), torch.ones(1)
+        y = torch.zeros(1, dtype=torch.long) if kw["num_classes"] else None
+    counted, total = counted_layers(model, z, t, t, y)
+    size, patch = name[len("DiT-"):].split("/")
+    depth, hidden, heads = flops.DIT_SIZES[size]
+    ours = flops.dit_forward_flops(kw["input_size"], int(patch), kw["in_channels"], hidden, depth, heads)
+    assert ours.layers == counted
+    assert ours.total == total
+    assert ours.attention == sum(v for k, v in counted.items() if k.endswith("attn.core")) > 0
+
+
+def test_dit_conv_head_counted(torch_ops):
+    try:
+        model = create_model("DiT-Nano/4", input_size=16, in_channels=3, num_classes=0, head="conv")
+    except ValueError:
+        pytest.skip("this DiT has no conv head")
+    model = model.to("meta")
+    model.check_values = False
+    counted, _ = counted_layers(model, torch.zeros(1, 3, 16, 16, device="meta"),
+                                torch.ones(1, device="meta"), torch.ones(1, device="meta"), None)
+    ours = flops.dit_forward_flops(16, 4, 3, 64, 2, 2, head="conv")
+    assert {k: v for k, v in ours.layers.items() if "conv_head" in k} == {
+        k: v for k, v in counted.items() if "conv_head" in k}
+
+
+def test_mlp_forward_matches_flop_counter():
+    model = create_model("MLP", dim=5, num_classes=3)
+    counted, total = counted_layers(model, torch.zeros(1, 5), torch.ones(1), torch.ones(1), torch.zeros(1).long())
+    ours = flops.mlp_forward_flops(5)
+    assert ours.layers == counted and ours.total == total and ours.attention == 0
+
+
+STEP_CASES = {  # objective overrides: each branch of meanflow_loss, with and without guidance
+    "flow matching": dict(ratio_r_neq_t=0.0),
+    "split, guided w k": dict(ratio_r_neq_t=0.25, cfg_w=0.2, cfg_k=0.92, cfg_t_end=0.75),
+    "split, odd batch share": dict(ratio_r_neq_t=0.4),
+    "one dual pass, guided w": dict(ratio_r_neq_t=0.75, cfg_w=2.0),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+@pytest.mark.parametrize("conditional", [True, False], ids=["conditional", "unconditional"])
+def test_step_count_matches_a_counted_meanflow_step(case, conditional, torch_ops):
+    """meanflow_loss and its backward on a real small DiT (CPU, fp32), every FLOP counted: B x the formula."""
+    torch.manual_seed(0)
+    B, classes = 7, 5
+    model = create_model("DiT-Nano/4", input_size=12, in_channels=3, num_classes=classes if conditional else 0)
+    cfg = ObjectiveConfig(**STEP_CASES[case]).validate()
+    x = torch.randn(B, 3, 12, 12)
+    y = torch.randint(0, classes, (B,)) if conditional else None
+    rnd = draw(cfg, B, (3, 12, 12), torch.Generator().manual_seed(1))
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:  # MATH: SDPA as counted bmm's
+        loss, _ = meanflow_loss(model, x, y, rnd, cfg)
+        loss.backward()
+    fwd = flops.dit_forward_flops(12, 4, 3, 64, 2, 2)
+    expected = B * flops.step_flops_per_image(fwd, cfg, conditional, global_batch=B)
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-12)
+    if cfg.guided and conditional:
+        assert flops.guidance_forwards(cfg, conditional) == (2 if cfg.cfg_k else 1)
+
+
+def test_step_formula_terms():
+    """The docstring's formula on round numbers: F = 100, A = 10, E = 4."""
+    fwd = flops.ForwardFlops({"all": 100}, attention=10, no_input_grad=4)
+    fm, split, dual = (ObjectiveConfig(ratio_r_neq_t=r) for r in (0.0, 0.25, 0.75))
+    assert flops.step_flops_per_image(fwd, fm, True) == 100 + 196
+    assert flops.step_flops_per_image(fwd, split, True) == 100 + 196 + 0.25 * 210
+    assert flops.step_flops_per_image(fwd, dual, True) == 210 + 196
+    guided = ObjectiveConfig(ratio_r_neq_t=0.0, cfg_w=1.0, cfg_k=0.5)
+    assert flops.step_flops_per_image(fwd, guided, True) == 296 + 200
+    assert flops.step_flops_per_image(fwd, guided, False) == 296  # no labels: objective never guides
+    assert flops.r_neq_t_share(split, global_batch=10) == 0.2  # round(0.75 * 10) = 8 rows have r = t
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200 SXM"), ("NVIDIA H200 NVL", "H200 NVL"), ("NVIDIA A100-SXM4-80GB", "A100 (SXM or PCIe)"),
+    ("NVIDIA A100 80GB PCIe", "A100 (SXM or PCIe)"), ("NVIDIA L40S", "L40S"), ("NVIDIA L40", "L40"),
+    ("NVIDIA L4", "L4"), ("NVIDIA A10", "A10"), ("NVIDIA B200", "B200 (HGX)"), ("NVIDIA A10G", None),
+    ("NVIDIA GeForce RTX 3090", None), ("cpu", None),
+])
+def test_peak_lookup_by_device_name(name, expected):
+    peak = flops.device_peak(name)
+    assert (peak.name if peak else None) == expected
+
+
+def test_peak_rate_and_mfu():
+    assert flops.peak_flops_per_device(torch.device("cpu"), torch.float32, True) is None
+    assert flops.peak_flops_per_device(torch.device("cpu"), torch.bfloat16, True, override_tflops=100) == 1e14
+    h100 = flops.device_peak("NVIDIA H100 80GB HBM3")
+    assert (h100.bf16, h100.tf32) == (989.5, 494.5)  # dense: half the data sheet's "with sparsity" figures
+    assert flops.mfu(1e12, 100.0, 2, 1e14) == pytest.approx(0.5)  # 1e14 FLOP/s over 2 x 1e14
+    assert flops.mfu(1e12, 100.0, 2, None) is None
+
+
+def test_table_command_prints_every_preset(capsys):
+    assert flops.main(["--table"]) == 0
+    out = capsys.readouterr().out
+    for preset, fid in flops.PAPER_FID_1NFE.items():
+        row = next(line for line in out.splitlines() if line.startswith(f"| {preset} |"))
+        assert row.endswith(f"| {fid:.2f} |")
+    assert "| imagenet-XL2 | DiT-XL/2 | 676.4M |" in out  # the paper's 676M
+    with pytest.raises(SystemExit) as e:
+        flops.main([])
+    assert e.value.code == 2
+
+
+def test_memory_estimate_orders():
+    from meanflow.config import PRESETS, Config, apply_overrides
+
+    cfg = apply_overrides(Config(), PRESETS["imagenet-XL2"]())
+    plain = flops.memory_per_gpu_bytes(cfg)
+    checkpointed = flops.memory_per_gpu_bytes(cfg, activation_checkpointing=True)
+    state = 20 * flops.parameter_count(cfg.model) / 8
+    assert state < checkpointed < plain
+    # activations: 32 images x 28 blocks x 256 tokens x 1152 x 18 values x 2 bytes
+    assert plain - checkpointed == pytest.approx(32 * 256 * 1152 * 2 * (28 * 18 - 28 - 18))
+
+
+def test_cpu_run_logs_throughput_and_null_mfu(tmp_path):
+    out = tmp_path / "run"
+    run([sys.executable, "-m", "meanflow.train", "--config", "smoke", f"--train.out={out}", "--train.steps=2",
+         "--train.samples_at_end=0"], cli_env(tmp_path / "cache"))
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["mfu"] is None
+        achieved = summary["step_flops_per_image"] * r["img_per_s"] / 1e12
+        assert r["tflops_per_device"] == pytest.approx(achieved, rel=1e-9) and achieved > 0
