@@ -1,0 +1,5 @@
+import sys
+
+from meanflow.prepare import main
+
+sys.exit(main())
