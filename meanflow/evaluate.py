@@ -3,6 +3,8 @@ data and, for the embedded MNIST, how often the samples read as the digit they w
 
     python -m meanflow.evaluate --run runs/mnist-demo [--steps 1,2] [--n 1000] [--batch 50] [--seed S]
                                 [--device cpu|cuda] [--checkpoint DIR] [--no-floor] [--no-verify]
+    python -m meanflow.evaluate --run runs/imagenet-XL2 --ref VIRTUAL_imagenet256_labeled.npz|IMAGE_DIR
+                                [--vae PATH] [--ref-cache DIR] [--n 50000]      # a run on prepared latents
     torchrun --standalone --nproc_per_node=2 -m meanflow.evaluate -- --run runs/mnist-demo ...   # the work split
     evaluate_run("runs/mnist-demo", steps=(1, 2), n=1000)    # from Python: the same dict, no argparse
 
@@ -10,8 +12,18 @@ data and, for the embedded MNIST, how often the samples read as the digit they w
 and --nproc-per-node and stops with "ambiguous option".)
 
 Samples: n per step count from one seeded noise tensor (seed = --seed, default the run's train.seed), the same noise
-and labels for every step count so that 1- and 2-NFE are compared on paired draws. Conditional models get labels
-spread evenly over all classes (arange(n) % classes, then shuffled with the same generator).
+and labels for every step count so that 1- and 2-NFE are compared on paired draws, whatever the world size.
+Conditional models get class-balanced labels (n // classes each, the remainder spread evenly over the classes,
+shuffled with the same generator: 50 per class at 50,000 ImageNet samples); meanflow.eval_draws has the rule.
+Guidance is the one fixed at training (the MeanFlow model is trained guided): sampling adds none.
+
+Runs on prepared SD-VAE latents (data.root holds a meanflow-latents manifest.json; meanflow.latent_runs): n defaults
+to 50,000 (FID-50K, the paper's), and every sample is divided by data.scale and decoded through the run's VAE
+(--vae, default the manifest's vae.path) before the Inception. Such a run has no images of its own, so --ref is
+required: FID is then taken against reference statistics (meanflow.reference_stats): an .npz with mu/sigma (ADM's
+VIRTUAL_imagenet256_labeled.npz) or raw activations, or an image folder whose statistics are computed once (split
+over the ranks) and cached in --ref-cache (default the run folder). --ref works for image runs too; with it there is
+no real-vs-real floor. images_per_second_{k}nfe: n over the slowest rank's time to sample, decode and extract.
 Real set: the first n items of epoch 0 in the trainer's own order (seed train.seed, world size 1, no flips), scaled
 back by 1 / data.scale. Their features are cached in RUN/fid_real_<items>.npz (written atomically); any cache with at
 least the items needed and the same data settings is reused, since every prefix of that order is the same.
@@ -69,7 +81,19 @@ from meanflow.checkpoint import CheckpointError, write_json_atomic
 from meanflow.config import ConfigError
 from meanflow.data import DataError, build_dataset_index, build_loader
 from meanflow.distributed import Dist, PeerFailed, init_distributed, shutdown
+from meanflow.eval_draws import evaluation_draws
 from meanflow.fid import InceptionFeatures, InceptionUnavailable, check_inception_available, fid_from_features
+from meanflow.latent_runs import LatentDecoder, is_latent_run
+from meanflow.reference_stats import (
+    cache_key,
+    cache_path,
+    fid_to_reference,
+    folder_batches,
+    list_images,
+    load_npz_reference,
+    read_cached,
+    write_cached,
+)
 from meanflow.sample import check_device, load_run
 from meanflow.sampling import sample
 from meanflow.toy_eval import evaluate_toy
@@ -188,24 +212,20 @@ def _plan_real(cfg, run_dir, n, floor, say) -> dict:
 # samples and what each rank extracts from them
 # ----------------------------------------------------------------------------------------------------------------------
 
-def sample_batches(model, cfg, n, steps, seed, batch, device, rows=None):
+def sample_batches(model, cfg, n, steps, seed, batch, device, rows=None, decoder=None):
     """Yield (x (B, C, H, W) in image range, labels (B,) or None) for rows [lo, hi) = `rows` (default all n) of n
-    samples drawn from one seeded noise tensor and label list: the same rows for any `steps`, `batch` and split."""
-    g = torch.Generator().manual_seed(seed)
+    samples drawn from one seeded noise tensor and class-balanced label list (meanflow.eval_draws): the same rows for
+    any `steps`, `batch` and split. A latent run's samples go through `decoder` (a LatentDecoder) to RGB images."""
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-    noise = torch.randn(n, *shape, generator=g)  # (n, C, H, W), drawn at once: independent of batch and rows
-    labels = None
-    if cfg.model.num_classes > 0:
-        labels = (torch.arange(n) % cfg.model.num_classes)[torch.randperm(n, generator=g)]  # (n,)
+    noise, labels = evaluation_draws(seed, n, shape, cfg.model.num_classes, rows)  # (hi - lo, C, H, W), (hi - lo,)
     dtype = next(model.parameters()).dtype
-    lo, hi = (0, n) if rows is None else rows
-    for i in range(lo, hi, batch):
-        j = min(i + batch, hi)
-        y = None if labels is None else labels[i:j]
-        x = sample(model, noise[i:j].to(device, dtype), None if y is None else y.to(device), steps=steps).float()
+    for i in range(0, noise.shape[0], batch):
+        y = None if labels is None else labels[i:i + batch]
+        x = sample(model, noise[i:i + batch].to(device, dtype), None if y is None else y.to(device),
+                   steps=steps).float()
         if not torch.isfinite(x).all():
             raise ValueError(f"the model produced non-finite samples at {steps} step(s): the checkpoint diverged")
-        yield x / cfg.data.scale, y
+        yield (x / cfg.data.scale if decoder is None else decoder(x)), y
 
 
 def _rows(batches, lo, hi):
@@ -238,6 +258,11 @@ def _rank_work(ctx, plan, classifier, d) -> dict:
     """This rank's share: Inception features of its real rows (if not cached) and, per step count, the features,
     classifier readings and labels of its sample rows."""
     out = {}
+    if plan.get("ref_files"):  # --ref DIR without a cache: this rank's share of the reference images
+        files = plan["ref_files"]
+        lo, hi = _share(len(files), d)
+        batches = folder_batches(plan["ref_folder"], files[lo:hi], ctx["image_size"], ctx["batch"])
+        out["ref"] = ctx["extractor"].extract(batches, total=hi - lo, desc="reference")
     if plan["extract"]:
         lo, hi = _share(plan["extract"], d)
         items = _rows(real_items(ctx["cfg"], hi, plan["num_items"], ctx["batch"]), lo, hi) if hi > lo else []
@@ -245,12 +270,14 @@ def _rank_work(ctx, plan, classifier, d) -> dict:
     lo, hi = _share(ctx["n"], d)
     for k in ctx["steps"]:
         preds, labels = [], []
+        t0 = time.time()
         stream = sample_batches(ctx["model"], ctx["cfg"], ctx["n"], k, ctx["seed"], ctx["batch"], ctx["device"],
-                                (lo, hi))
+                                (lo, hi), ctx.get("decoder"))
         feats = ctx["extractor"].extract(_read_digits(stream, classifier, preds, labels), total=hi - lo,
                                          desc=f"{k}-NFE")
         out[k] = {"features": feats, "predictions": torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64),
-                  "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)}
+                  "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64),
+                  "seconds": time.time() - t0}  # sampling, decoding and Inception of this rank's rows
     return out
 
 
@@ -320,7 +347,10 @@ def reads_digits(cfg) -> bool:
 def _plan(ctx, say) -> dict:
     """Rank 0, before any sampling: the real features (cached, or how many to extract) and the classifier."""
     cfg = ctx["cfg"]
-    plan = _plan_real(cfg, ctx["run"], ctx["n"], ctx["floor"], say)
+    if ctx["ref"] is not None:
+        plan = _plan_reference(ctx, say)
+    else:
+        plan = _plan_real(cfg, ctx["run"], ctx["n"], ctx["floor"], say)
     plan["classifier"] = None
     if reads_digits(cfg):
         c = digits.load_classifier(cfg.data.root, log=say)
@@ -334,6 +364,28 @@ def _plan(ctx, say) -> dict:
     return plan
 
 
+def _plan_reference(ctx, say) -> dict:
+    """Rank 0, with --ref: the reference statistics (an .npz, or a folder's cache), or the folder's images to extract.
+    No real-vs-real floor: it would need two real sets of n images, and --ref gives statistics."""
+    ref = ctx["ref"]
+    plan = {"features": None, "path": None, "meta": None, "extract": 0, "num_items": 0, "floor": False,
+            "reference": None, "ref_files": None}
+    if os.path.isfile(ref):
+        plan["reference"] = load_npz_reference(ref)
+    else:
+        files = list_images(ref)
+        key = cache_key(ref, files, ctx["image_size"])
+        path = cache_path(ctx["ref_cache"] or ctx["run"], key)
+        plan["reference"] = read_cached(path, key)
+        if plan["reference"] is None:
+            say(f"computing reference statistics of {len(files)} images in {ref} (center-cropped to "
+                f"{ctx['image_size']}), to be cached in {path}")
+            plan.update(ref_files=files, ref_folder=ref, ref_key=key, ref_path=path)
+    if plan["reference"] is not None:
+        say(f"reference statistics from {plan['reference'].source}")
+    return plan
+
+
 def _fmt(values) -> str:
     return " ".join("-" if v is None else f"{v:.2f}" for v in values)
 
@@ -343,13 +395,16 @@ def _joined(parts, key) -> np.ndarray:
     return np.concatenate([np.asarray(p[key]) for p in parts])
 
 
-def _step_metrics(k, parts, real, plan, n, say) -> dict:
-    """FID, class accuracy and (null) IS of the k-step samples, from the ranks' parts."""
+def _step_metrics(k, parts, real, reference, plan, n, say) -> dict:
+    """FID (against the real features, or the --ref statistics), class accuracy and (null) IS of the k-step samples,
+    from the ranks' parts; images_per_second: n over the slowest rank's time to sample, decode and extract."""
     mine = [p[k] for p in parts]
     feats = _joined(mine, "features")
-    out = {f"fid_{k}nfe": fid_from_features(feats, real), f"accuracy_{k}nfe": None,
-           f"accuracy_per_class_{k}nfe": None, f"inception_score_{k}nfe": None}
-    line = f"FID {k}-NFE = {out[f'fid_{k}nfe']:.3f} at n = {n}"
+    fid = fid_from_features(feats, real) if reference is None else fid_to_reference(feats, reference)
+    rate = n / max(max(p["seconds"] for p in mine), 1e-9)
+    out = {f"fid_{k}nfe": fid, f"accuracy_{k}nfe": None, f"accuracy_per_class_{k}nfe": None,
+           f"inception_score_{k}nfe": None, f"images_per_second_{k}nfe": round(rate, 2)}
+    line = f"FID {k}-NFE = {fid:.3f} at n = {n} ({rate:.1f} images/s)"
     if plan["classifier"] is not None:
         acc, per_class = digits.accuracy_from_predictions(_joined(mine, "predictions"), _joined(mine, "labels"))
         out.update({f"accuracy_{k}nfe": acc, f"accuracy_per_class_{k}nfe": per_class})
@@ -360,15 +415,18 @@ def _step_metrics(k, parts, real, plan, n, say) -> dict:
 
 def _metrics(ctx, plan, private, parts, say) -> dict:
     """Rank 0: every metric from the gathered parts, the real cache written if it was computed, the JSON written."""
-    real = private["features"]
-    if real is None:
+    real, reference = private["features"], private["reference"]
+    if reference is None and plan.get("ref_files"):
+        reference = write_cached(plan["ref_path"], plan["ref_key"], plan["ref_folder"], _joined(parts, "ref"))
+        say(f"reference statistics cached in {plan['ref_path']}")
+    if real is None and reference is None:
         real = _joined(parts, "real")
         private["path"] = _write_cache(ctx["run"], private["meta"], real)
         say(f"cached them in {private['path']}")
     n = ctx["n"]
     result = {}
     for k in ctx["steps"]:
-        result.update(_step_metrics(k, parts, real[:n], plan, n, say))
+        result.update(_step_metrics(k, parts, None if real is None else real[:n], reference, plan, n, say))
     test = plan.get("classifier_test", (None, None))
     result.update(classifier_test_accuracy=test[0], classifier_test_accuracy_per_class=test[1],
                   inception_score_real=None)
@@ -378,6 +436,8 @@ def _metrics(ctx, plan, private, parts, say) -> dict:
         say(f"real-vs-real floor = {floor:.3f} at n = {n}")
     result.update(n=n, steps=ctx["steps"], seed=ctx["seed"], step=ctx["step"], checkpoint=ctx["checkpoint"],
                   real_features=private["path"], classifier=plan.get("classifier_path"), processes=ctx["processes"],
+                  reference=None if reference is None else reference.source,
+                  reference_count=None if reference is None else reference.count, vae=ctx.get("vae"),
                   seconds=round(time.time() - ctx["t0"], 1))
     write_json_atomic(os.path.join(ctx["run"], f"eval_step_{ctx['step']}.json"), result)
     return result
@@ -389,7 +449,7 @@ def _metrics(ctx, plan, private, parts, say) -> dict:
 
 def _check_args(steps, n, batch, seed, device, d):
     steps = _check_steps(steps)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
         raise ConfigError(f"--n must be an integer >= 2 (a covariance needs two samples), got {n!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"--batch must be an integer >= 1, got {batch!r}")
@@ -412,36 +472,66 @@ def _toy_metrics(run, steps, n, seed, device, ckpt, step, say) -> dict:
     return result
 
 
-def evaluate_run(run, steps=(1, 2), n=1000, batch=50, seed=None, device="cpu", floor=True, checkpoint=None,
-                 verify=True, progress=True) -> dict:
+DEFAULT_N = 1000
+DEFAULT_N_LATENT = 50_000  # the paper's FID-50K, for runs on prepared latents (the ImageNet presets)
+
+
+def default_n(cfg) -> int:
+    """50,000 samples (FID-50K, as the paper) for a run on prepared latents, 1000 for the others."""
+    return DEFAULT_N_LATENT if is_latent_run(cfg) else DEFAULT_N
+
+
+def _latent_setup(cfg, ref, vae, device, batch, say):
+    """A latent run's decoder, after checking that it has a --ref to compare with (it has no images of its own)."""
+    if ref is None:
+        raise ConfigError("--ref: this run trains on prepared latents and has no images to compare with: pass --ref "
+                          "FILE.npz (mu/sigma, e.g. ADM's VIRTUAL_imagenet256_labeled.npz) or --ref DIR (images)")
+    return LatentDecoder.for_run(cfg, vae, device, batch_size=batch, warn=say)
+
+
+def evaluate_run(run, steps=(1, 2), n=None, batch=50, seed=None, device="cpu", floor=True, checkpoint=None,
+                 verify=True, progress=True, ref=None, vae=None, ref_cache=None) -> dict:
     """The metrics of a run as a dict (the JSON written to RUN/eval_step_<step>.json; see the module docstring).
 
-    steps: step counts (a sequence or '1,2'); seed: the noise seed (None: the run's train.seed); floor: compute the
-    real-vs-real floor; checkpoint: a checkpoint folder instead of the newest; verify: check its SHA-256 sums first;
-    progress: tqdm bars and log lines on stderr. Inside a process group (torchrun) the work is split over the ranks
-    and every rank returns the dict. Bad input raises ConfigError (a ValueError) naming the argument.
+    steps: step counts (a sequence or '1,2'); n: samples per step count (None: 50,000 for a run on prepared latents,
+    1000 otherwise); seed: the noise seed (None: the run's train.seed); floor: compute the real-vs-real floor;
+    checkpoint: a checkpoint folder instead of the newest; verify: check its SHA-256 sums first; progress: tqdm bars
+    and log lines on stderr; ref: FID reference statistics, an .npz or an image folder (required for a latent run);
+    vae: the VAE that decodes a latent run's samples (None: the manifest's); ref_cache: where a folder's statistics
+    are cached (None: the run folder). Inside a process group (torchrun) the work is split over the ranks and every
+    rank returns the dict. Bad input raises ConfigError (a ValueError) naming the argument.
     """
     d = _current_dist()
     say = log if progress and d.is_main else _quiet
     steps, device = _check_args(steps, n, batch, seed, device, d)
+    if ref is not None and not os.path.exists(ref):
+        raise ConfigError(f"--ref {ref}: no such file or folder")
     cfg, model, ckpt, step = load_run(run, checkpoint, device, verify, "meanflow.evaluate")
     if cfg.data.source == "toy":  # 2-D points: distances to fresh draws of the data (one process: they are cheap)
+        n = DEFAULT_N if n is None else n
         return _on_main(d, lambda: _toy_metrics(run, steps, n, seed, device, ckpt, step, say))
-    if cfg.model.name == "MLP" or cfg.model.in_channels not in (1, 3):
-        raise ConfigError(f"--run: FID needs a model of 1- or 3-channel images; this run's {cfg.model.name} makes "
-                          f"{cfg.model.in_channels}-channel data (decode latents to images first)")
+    latent = is_latent_run(cfg)
+    n = default_n(cfg) if n is None else n
+    if not latent and (cfg.model.name == "MLP" or cfg.model.in_channels not in (1, 3)):
+        raise ConfigError(f"--run: FID needs a model of 1- or 3-channel images, or a run on prepared latents; this "
+                          f"run's {cfg.model.name} makes {cfg.model.in_channels}-channel data and its data.root "
+                          f"({cfg.data.root or 'unset'}) holds no meanflow-latents manifest.json")
     check_inception_available()  # before any sampling: a missing package fails in a second
+    decoder = _latent_setup(cfg, ref, vae, device, batch, say) if latent else None
     seed = cfg.train.seed if seed is None else seed
     say(f"checkpoint {ckpt} (step {step}), n = {n}, steps {steps}, device {device}, {d.world_size} process(es)")
     ctx = {"run": run, "cfg": cfg, "model": model, "n": n, "steps": steps, "seed": seed, "batch": batch,
-           "device": device, "floor": floor, "step": step, "checkpoint": ckpt, "processes": d.world_size,
+           "device": device, "floor": floor and ref is None, "step": step, "checkpoint": ckpt,
+           "processes": d.world_size, "ref": ref, "ref_cache": ref_cache, "decoder": decoder,
+           "vae": None if decoder is None else decoder.path,
+           "image_size": cfg.model.input_size * (1 if decoder is None else decoder.factor),  # samples' side
            "extractor": InceptionFeatures(device, batch_size=batch, progress=progress and d.is_main),
            "t0": time.time()}
-    private = {}  # rank 0's cached real features: never sent to the other ranks
+    private = {}  # rank 0's real features or reference statistics: never sent to the other ranks
 
     def plan_on_main():
         plan = _plan(ctx, say)
-        private.update((key, plan.pop(key)) for key in ("features", "path", "meta"))
+        private.update((key, plan.pop(key, None)) for key in ("features", "path", "meta", "reference"))
         return plan
 
     plan = _on_main(d, plan_on_main)
@@ -454,8 +544,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m meanflow.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="run folder written by meanflow.train")
     p.add_argument("--steps", default="1,2", help="comma-separated step counts (number of model evaluations)")
-    p.add_argument("--n", type=int, default=1000, help="samples per step count, and real items (default 1000; on a "
-                   "2-core CPU Inception takes ~0.1 s an image)")
+    p.add_argument("--n", type=int, default=None, help="samples per step count, and real items (default 50000 for a "
+                   "run on prepared latents, 1000 otherwise; on a 2-core CPU Inception takes ~0.1 s an image)")
+    p.add_argument("--ref", default=None, help="FID reference: an .npz with mu/sigma (ADM layout) or raw activations, "
+                   "or an image folder (statistics cached); required for a latent run")
+    p.add_argument("--ref-cache", default=None, help="folder for --ref DIR's cached statistics (default: the run)")
+    p.add_argument("--vae", default=None, help="VAE folder decoding a latent run (default: its manifest's vae.path)")
     p.add_argument("--batch", type=int, default=50, help="batch size for sampling and Inception features")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's train.seed)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder instead of the newest one")
@@ -469,7 +563,7 @@ def main(argv=None) -> int:
             d = init_distributed()
         result = evaluate_run(args.run, steps=args.steps, n=args.n, batch=args.batch, seed=args.seed,
                               device=args.device, floor=not args.no_floor, checkpoint=args.checkpoint,
-                              verify=not args.no_verify)
+                              verify=not args.no_verify, ref=args.ref, vae=args.vae, ref_cache=args.ref_cache)
     except FAILURES as e:
         sys.stderr.write(f"meanflow.evaluate: error: {e}\n")  # one write: the ranks' lines share one stream
         return 2
