@@ -3,6 +3,13 @@ machine. The sampler itself is the library function meanflow.sampling.sample.
 
     python -m meanflow.sample --run runs/mnist-demo [--steps 1] [--n 64] [--out samples.png|samples.npz]
                               [--seed 0] [--checkpoint DIR] [--device cpu|cuda] [--no-verify]
+    python -m meanflow.sample --run runs/imagenet-XL2 --decode [--vae PATH] [--out DIR|grid.png|samples.npz]
+
+--decode (runs on prepared latents, meanflow.latent_runs): the samples are latents; they are divided by the run's
+data.scale and decoded through the VAE (--vae PATH, default the vae.path in the manifest of the run's data.root) to
+RGB images, written as one PNG per sample into a folder (the default, RUN/samples_<steps>nfe/, files
+<index>_class<label>.png, or <index>.png for an unconditional model), as a grid (--out FILE.png), or as ADM's sample
+batch (--out FILE.npz: arr_0 uint8 (n, S, S, 3), arr_1 the labels), which guided-diffusion's evaluator reads.
 
 Conditional models lay the grid out one row per class (up to 10 classes, evenly spaced). The same --n and --seed
 give the same noise and labels as the grid the trainer writes at the end (seed = train.seed, n = rows x
@@ -32,7 +39,8 @@ from meanflow.checkpoint import (
     verify_checkpoint,
 )
 from meanflow.config import ConfigError, config_from_dict
-from meanflow.images import save_samples
+from meanflow.images import make_grid, save_arrays, save_samples, write_png
+from meanflow.latent_runs import LatentDecoder
 from meanflow.models import create_model
 from meanflow.sampling import sample_grid
 
@@ -107,6 +115,9 @@ def _parser():
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder instead of the newest one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's SHA-256 sums")
+    p.add_argument("--decode", action="store_true", help="decode latent samples to RGB images through the run's VAE "
+                   "(--out: a folder of PNGs (default RUN/samples_<steps>nfe/), a grid .png or an ADM .npz)")
+    p.add_argument("--vae", default=None, help="with --decode: the VAE folder (default: the data manifest's vae.path)")
     return p
 
 
@@ -116,9 +127,13 @@ def _check_args(args):
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
-    out = args.out or os.path.join(args.run, f"samples_{args.steps}nfe.png")
-    if not out.endswith((".png", ".npz")):
+    if args.vae is not None and not args.decode:
+        raise ConfigError("--vae is used only with --decode")
+    out = args.out or os.path.join(args.run, f"samples_{args.steps}nfe" + ("" if args.decode else ".png"))
+    if not args.decode and not out.endswith((".png", ".npz")):
         raise ConfigError(f"--out must end in .png or .npz, got {out}")
+    if args.decode and os.path.isfile(out) and not out.endswith((".png", ".npz")):
+        raise ConfigError(f"--out {out}: with --decode, a folder for the PNGs, a .png grid or an .npz; this is a file")
     if args.seed is not None and args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
     device = check_device(args.device)
@@ -127,15 +142,36 @@ def _check_args(args):
     return out, device
 
 
-def _sample_shape(cfg, out):
+def _sample_shape(cfg, out, decode=False):
     shape = (cfg.model.in_channels,) if cfg.model.name == "MLP" else (
         cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-    if out.endswith(".png") and (len(shape) != 3 or shape[0] not in (1, 3)):
+    if decode and len(shape) != 3:
+        raise ConfigError(f"--decode: this run's {cfg.model.name} makes vectors of {shape[0]} values, not latents")
+    if not decode and out.endswith(".png") and (len(shape) != 3 or shape[0] not in (1, 3)):
         # before sampling: a grid of vectors or latents cannot be drawn, and nothing should be written
         made = f"vectors of {shape[0]} values" if len(shape) == 1 else f"{shape[0]}-channel arrays"
+        hint = " or --decode (latents)" if len(shape) == 3 else ""
         raise ConfigError(f"--out {out}: PNG output needs 1- or 3-channel image data, but this run's "
-                          f"{cfg.model.name} makes {made}; use --out FILE.npz")
+                          f"{cfg.model.name} makes {made}; use --out FILE.npz{hint}")
     return shape
+
+
+def save_decoded(out, images, labels, rows) -> int:
+    """Write decoded uint8 images (n, 3, S, S): a folder of PNGs, a grid .png, or ADM's sample .npz (arr_0
+    (n, S, S, 3) uint8, arr_1 labels). Returns how many files were written."""
+    hwc = images.permute(0, 2, 3, 1).contiguous().numpy()  # (n, S, S, 3)
+    if out.endswith(".npz"):
+        arrays = {"arr_0": hwc} if labels is None else {"arr_0": hwc, "arr_1": labels}
+        save_arrays(out, **arrays)
+        return 1
+    if out.endswith(".png"):
+        write_png(out, make_grid(hwc, rows))
+        return 1
+    os.makedirs(out, exist_ok=True)
+    for i in range(hwc.shape[0]):
+        name = f"{i:06d}.png" if labels is None else f"{i:06d}_class{int(labels[i])}.png"
+        write_png(os.path.join(out, name), hwc[i])
+    return hwc.shape[0]
 
 
 def main(argv=None) -> int:
@@ -144,18 +180,26 @@ def main(argv=None) -> int:
         out, device = _check_args(args)
         cfg, model, ckpt, step = load_run(args.run, args.checkpoint, device, not args.no_verify)
         seed = cfg.train.seed if args.seed is None else args.seed
-        x, _, rows = sample_grid(model, args.n, num_classes=cfg.model.num_classes,
-                                 sample_shape=_sample_shape(cfg, out), seed=seed, steps=args.steps, device=device)
+        shape = _sample_shape(cfg, out, args.decode)
+        decoder = LatentDecoder.for_run(cfg, args.vae, device) if args.decode else None  # before sampling
+        x, labels, rows = sample_grid(model, args.n, num_classes=cfg.model.num_classes, sample_shape=shape,
+                                      seed=seed, steps=args.steps, device=device)
         bad = int((~torch.isfinite(x.flatten(1)).all(dim=1)).sum())
         if bad:
             raise CheckpointError(f"checkpoint {ckpt} (step {step}): {bad} of {args.n} samples hold NaN or inf "
                                   "values (its EMA weights are not finite, or the model overflows): nothing written")
-        save_samples(out, x, rows)
+        extra = {}
+        if decoder is None:
+            save_samples(out, x, rows)
+        else:
+            images = decoder.uint8(x)  # (n, 3, S, S)
+            extra = {"files": save_decoded(out, images, labels, rows), "image_size": images.shape[-1],
+                     "vae": decoder.path}
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"meanflow.sample: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"out": os.path.abspath(out), "n": args.n, "steps": args.steps, "checkpoint": ckpt,
-                      "step": step}))
+                      "step": step, **extra}))
     return 0
 
 
