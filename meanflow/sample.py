@@ -9,7 +9,8 @@ machine. The sampler itself is the library function meanflow.sampling.sample.
 data.scale and decoded through the VAE (--vae PATH, default the vae.path in the manifest of the run's data.root) to
 RGB images, written as one PNG per sample into a folder (the default, RUN/samples_<steps>nfe/, files
 <index>_class<label>.png, or <index>.png for an unconditional model), as a grid (--out FILE.png), or as ADM's sample
-batch (--out FILE.npz: arr_0 uint8 (n, S, S, 3), arr_1 the labels), which guided-diffusion's evaluator reads.
+batch (--out FILE.npz: arr_0 uint8 (n, S, S, 3), arr_1 the labels), which guided-diffusion's evaluator reads; the
+.npz holds meanflow.evaluate's class-balanced draws (the same seed gives the same samples), the others the grid's.
 
 Conditional models lay the grid out one row per class (up to 10 classes, evenly spaced). The same --n and --seed
 give the same noise and labels as the grid the trainer writes at the end (seed = train.seed, n = rows x
@@ -39,10 +40,11 @@ from meanflow.checkpoint import (
     verify_checkpoint,
 )
 from meanflow.config import ConfigError, config_from_dict
+from meanflow.eval_draws import evaluation_draws
 from meanflow.images import make_grid, save_arrays, save_samples, write_png
 from meanflow.latent_runs import LatentDecoder
 from meanflow.models import create_model
-from meanflow.sampling import sample_grid
+from meanflow.sampling import sample, sample_grid
 
 
 def load_run(run_dir, checkpoint=None, device="cpu", verify=True, prog="meanflow.sample"):
@@ -156,6 +158,17 @@ def _sample_shape(cfg, out, decode=False):
     return shape
 
 
+def balanced_samples(model, n, num_classes, shape, seed, steps, device, batch=256):
+    """(x, labels, rows) from meanflow.eval_draws' class-balanced draws (what meanflow.evaluate samples)."""
+    noise, labels = evaluation_draws(seed, n, shape, num_classes)
+    dtype = next(model.parameters()).dtype
+    out = []
+    for i in range(0, n, batch):
+        y = None if labels is None else labels[i:i + batch].to(device)
+        out.append(sample(model, noise[i:i + batch].to(device, dtype), y, steps=steps).float().cpu())
+    return torch.cat(out), labels, max(1, round(n ** 0.5))
+
+
 def save_decoded(out, images, labels, rows) -> int:
     """Write decoded uint8 images (n, 3, S, S): a folder of PNGs, a grid .png, or ADM's sample .npz (arr_0
     (n, S, S, 3) uint8, arr_1 labels). Returns how many files were written."""
@@ -182,8 +195,11 @@ def main(argv=None) -> int:
         seed = cfg.train.seed if args.seed is None else args.seed
         shape = _sample_shape(cfg, out, args.decode)
         decoder = LatentDecoder.for_run(cfg, args.vae, device) if args.decode else None  # before sampling
-        x, labels, rows = sample_grid(model, args.n, num_classes=cfg.model.num_classes, sample_shape=shape,
-                                      seed=seed, steps=args.steps, device=device)
+        if args.decode and out.endswith(".npz"):  # an FID sample batch: evaluate's class-balanced draws
+            x, labels, rows = balanced_samples(model, args.n, cfg.model.num_classes, shape, seed, args.steps, device)
+        else:
+            x, labels, rows = sample_grid(model, args.n, num_classes=cfg.model.num_classes, sample_shape=shape,
+                                          seed=seed, steps=args.steps, device=device)
         bad = int((~torch.isfinite(x.flatten(1)).all(dim=1)).sum())
         if bad:
             raise CheckpointError(f"checkpoint {ckpt} (step {step}): {bad} of {args.n} samples hold NaN or inf "

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import meanflow.sample as sample_cli
+from meanflow.eval_draws import evaluation_draws
 from meanflow.sample import load_run
-from meanflow.sampling import sample_grid
+from meanflow.sampling import sample, sample_grid
 from tests.meanflow.test_evaluate_latents import save_tiny_vae, write_latent_folder, write_latent_run
 
 
@@ -36,12 +37,17 @@ def cli(argv, capsys):
     return code, out, err
 
 
-def hand_decoded(run_dir, vae_path, n):
-    """The grid's samples decoded by hand: sample_grid with the run's seed, / data.scale, the VAE's decoder."""
+def hand_decoded(run_dir, vae_path, n, balanced=False):
+    """The samples decoded by hand: the grid's (or evaluate's class-balanced draws) with the run's seed, divided by
+    data.scale, through the VAE's decoder."""
     from meanflow.vae import decode_latents, load_vae
 
     cfg, model, _, _ = load_run(run_dir)
-    x, labels, _ = sample_grid(model, n, num_classes=3, sample_shape=(4, 4, 4), seed=cfg.train.seed)
+    if balanced:
+        noise, labels = evaluation_draws(cfg.train.seed, n, (4, 4, 4), 3)
+        x = sample(model, noise, labels, steps=1)
+    else:
+        x, labels, _ = sample_grid(model, n, num_classes=3, sample_shape=(4, 4, 4), seed=cfg.train.seed)
     return decode_latents(load_vae(vae_path), x / cfg.data.scale).permute(0, 2, 3, 1).numpy(), labels
 
 
@@ -65,7 +71,7 @@ def test_decode_to_an_adm_npz_and_to_a_grid(sd_geometry_run, tmp_path, capsys):
     run_dir, vae = sd_geometry_run
     code, _, err = cli(["--run", run_dir, "--decode", "--n", "4", "--out", str(tmp_path / "s.npz")], capsys)
     assert code == 0, err
-    want, labels = hand_decoded(run_dir, vae, 4)
+    want, labels = hand_decoded(run_dir, vae, 4, balanced=True)
     with np.load(tmp_path / "s.npz") as z:
         assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (4, 32, 32, 3)
         np.testing.assert_array_equal(z["arr_0"], want)
