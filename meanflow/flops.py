@@ -304,9 +304,8 @@ def preset_row(name, gpus=8):
 
 
 def preset_table(gpus=8) -> str:
-    lines = [f"| preset | model | parameters | GFLOPs forward | GFLOPs per step | images per GPU at {gpus} GPUs | "
-             "memory per GPU, GiB (estimated) | with activation checkpointing (estimated) | paper 1-NFE FID |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| preset | model | params | GFLOPs forward | GFLOPs step | img/GPU at {gpus} | GiB/GPU (est.) | "
+             "GiB/GPU, act. ckpt (est.) | paper 1-NFE FID |", "|---|---|---|---|---|---|---|---|---|"]
     for name in TABLE_PRESETS:
         r = preset_row(name, gpus)
         fid = "-" if r["fid_1nfe"] is None else f"{r['fid_1nfe']:.2f}"
