@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .toy import TOYS
 
-SOURCES = ("mnist", "npy", "images", "toy")
+SOURCES = ("mnist", "npy", "images", "toy", "latents")
 LOADERS = ("auto", "dali", "torch")
 
 
@@ -18,7 +18,7 @@ class DataError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "mnist"  # "mnist" (5000 embedded digits), "npy" (arrays), "images" (class folders), "toy" (data.toy)
+    source: str = "mnist"  # "mnist" (5000 digits), "npy" (arrays), "images", "toy" (data.toy), "latents" (prepared)
     root: str = ""  # data folder for "npy"/"images"; for "mnist", where the cache goes (<root>/mnist5k)
     image_size: int = 32  # "images": shorter side resized to this, then center crop; "mnist": must be 32
     hflip: bool = False  # random horizontal flip, deterministic per (seed, epoch, item)
@@ -29,6 +29,7 @@ class DataConfig:
     toy: str = "checkerboard"  # source "toy": "checkerboard", "8gaussians", "moons" or "gaussian" (data/toy.py)
     toy_points: int = 50_000  # source "toy": how many 2-D points make up the (fixed) training set
     toy_seed: int = 0  # source "toy": the seed the training set is drawn with (independent of train.seed)
+    verify: bool = True  # prepared latents: check every shard's sha256 in one pass at start (split over the ranks)
 
     def validate(self) -> None:
         """Raise DataError naming the `data.*` key of the first bad value."""
@@ -44,7 +45,9 @@ class DataConfig:
             raise DataError(f"data.num_workers: must be an integer >= 0, got {self.num_workers!r}")
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale == 0:
             raise DataError(f"data.scale: must be a finite non-zero number, got {self.scale!r}")
-        if self.source in ("npy", "images") and not self.root:
+        if not isinstance(self.verify, bool):
+            raise DataError(f"data.verify: must be true or false, got {self.verify!r}")
+        if self.source in ("npy", "images", "latents") and not self.root:
             raise DataError(f"data.root: the {self.source!r} source needs a data folder (set --data.root=DIR)")
         if self.source == "toy":
             self._validate_toy()
@@ -66,11 +69,18 @@ class DataConfig:
 
 
 def infer_source(cfg: DataConfig) -> None:
-    """A data.root given on the embedded-MNIST default means the user's own data: "npy" when the folder holds .npy
-    files, "images" otherwise (set data.source to say which outright)."""
+    """A data.root given on the embedded-MNIST default means the user's own data: "latents" when the folder holds a
+    prepared-latents manifest.json (docs/prepared-latents.md), else "npy" when it holds .npy files, "images" otherwise
+    (set data.source to say which outright). The "npy" source recognises a prepared folder by itself (index.py), so
+    the ImageNet presets' data.source "npy" is left as it is."""
     if cfg.source != "mnist":
         return
     if not os.path.isdir(cfg.root):
         raise DataError(f"data.root: data folder {cfg.root} does not exist")
+    from .latent_manifest import is_prepared_latents
+
+    if is_prepared_latents(cfg.root):
+        cfg.source = "latents"
+        return
     names = (n for _, _, files in os.walk(cfg.root) for n in files)
     cfg.source = "npy" if any(n.endswith(".npy") for n in names) else "images"

@@ -8,6 +8,9 @@ Folder layouts (only read, never written):
 - "images": root/<class_name>/*.{png,jpg,jpeg} (or flat root/*.png ... for unlabeled data), any size, served as
             RGB (3, S, S): shorter side resized to S (bilinear, antialiased), center crop, pixels mapped to [-1, 1].
 - "mnist":  the embedded 5000 MNIST digits, cached once as the "npy" layout (see mnist.py).
+- "latents": a folder written by `python -m meanflow.prepare latents` (docs/prepared-latents.md), recognised by its
+            manifest.json (source "latents", or "npy" on such a folder): indexed from the manifest and labels.npy
+            alone (latents.py), `files` empty, `latents` the shard rows; served as posterior samples (loader.py).
 - "toy":    no folder: data.toy_points 2-D points of the distribution data.toy drawn with data.toy_seed (toy.py),
             held in memory as `points` (N, 2) float32, unlabeled; `files` is empty and `root` reads "toy:<name>".
 Item order is class folders sorted by name, then file names sorted within each folder. Files with other
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import DataConfig, DataError
+from .latent_manifest import is_prepared_latents
+from .latents import LatentShards, open_latents
 from .toy import toy_points
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -35,7 +40,7 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 
 @dataclass(frozen=True)
 class DatasetIndex:
-    kind: str  # "npy" (arrays on disk), "images" (encoded PNG/JPEG) or "memory" (the items are `points`)
+    kind: str  # "npy" (arrays on disk), "images" (encoded PNG/JPEG), "latents" (prepared shards) or "memory"
     root: str
     files: tuple  # absolute paths, in index order
     labels: np.ndarray  # int64 (N,)
@@ -43,9 +48,12 @@ class DatasetIndex:
     item_shape: tuple  # (C, H, W) of a served sample
     dtype: np.dtype  # stored dtype of the arrays ("npy"); uint8 for images
     points: np.ndarray | None = None  # "memory": the items themselves (N, *item_shape) float32
+    latents: LatentShards | None = None  # "latents": the shard rows (its .manifest is the folder's manifest)
 
     @property
     def num_items(self) -> int:
+        if self.latents is not None:
+            return self.latents.count
         return len(self.files) if self.points is None else len(self.points)
 
     @property
@@ -65,6 +73,8 @@ def build_dataset_index(cfg: DataConfig) -> DatasetIndex:
 
         return _index_npy(ensure_mnist_cache(cfg.root))
     root = os.path.abspath(os.path.expanduser(cfg.root))
+    if cfg.source == "latents" or (cfg.source == "npy" and is_prepared_latents(root)):
+        return _index_latents(root)
     if cfg.source == "npy":
         return _index_npy(root)
     return _index_images(root, cfg.image_size)
@@ -144,6 +154,13 @@ def _index_npy(root: str) -> DatasetIndex:
                 "all samples must share one shape and dtype"
             )
     return DatasetIndex("npy", root, tuple(files), np.asarray(labels, np.int64), classes, shape, dtype)
+
+
+def _index_latents(root: str) -> DatasetIndex:
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root} does not exist or is not a folder (data.root)")
+    m, shards, labels = open_latents(root)
+    return DatasetIndex("latents", root, (), labels, m.classes, m.shape, m.dtype, latents=shards)
 
 
 def _index_images(root: str, size: int) -> DatasetIndex:
