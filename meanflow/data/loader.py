@@ -1,9 +1,15 @@
 """build_loader: the index, the ordering contract and a backend (DALI or the torch fallback; the in-memory reader
-for the toy source) put together."""
+for the toy source) put together.
+
+Prepared latents: the backend serves each item's stored posterior (mean, std) rows and the Loader turns them into
+x = data.scale * (mean + std * eps) with eps drawn for the whole global batch from (seed, epoch, step) (latents.py),
+after the folder's checksums are verified (data.verify, latent_verify.py).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Iterator
 
 import numpy as np
@@ -11,6 +17,7 @@ import torch
 
 from .config import DataConfig, DataError
 from .index import DatasetIndex, build_dataset_index
+from .latents import posterior_noise, posterior_sample
 from .order import epoch_order, rank_steps
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,20 @@ class Loader:
         self._check(epoch, start_step)
         perm, flip = epoch_order(self.num_items, self.seed, epoch, self.cfg.hflip)
         idx = rank_steps(perm, self.global_batch, self.world_size, self.rank, start_step)  # (S, B)
-        return self._reader.batches(idx, None if flip is None else flip[idx])
+        batches = self._reader.batches(idx, None if flip is None else flip[idx])
+        return self._posterior_samples(batches, epoch, start_step) if self.index.kind == "latents" else batches
+
+    def _posterior_samples(self, batches, epoch: int, start_step: int):
+        """(x, y) from the reader's (mean, std, y): x = scale * (mean + std * eps), this rank's rows of the global
+        batch's eps."""
+        lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
+        try:
+            for step, (mean, std, y) in enumerate(batches, start_step):
+                eps = posterior_noise(self.seed, epoch, step, self.global_batch, self.item_shape)[lo:hi]  # (B, C, h, w)
+                yield posterior_sample(mean, std, eps, self.cfg.scale), y
+        finally:  # an abandoned epoch ends the reader's epoch too
+            if hasattr(batches, "close"):
+                batches.close()
 
     def step_items(self, epoch: int, step: int) -> np.ndarray:
         """Item indices (global_batch,) of global step `step` of `epoch`: every rank's rows, rank 0's first (rank r
@@ -58,6 +78,8 @@ class Loader:
         the point's index in the generated set)."""
         if self.index.points is not None:
             return f"{self.index.root} point {int(item)} (data.toy_seed {self.cfg.toy_seed})"
+        if self.index.latents is not None:
+            return self.index.latents.describe(item)
         where = " of the mnist cache" if self.cfg.source == "mnist" else ""
         return f"{self.index.files[item]} (item {int(item)}{where})"
 
@@ -111,6 +133,8 @@ def build_loader(cfg: DataConfig, global_batch: int, rank: int, world_size: int,
     index = build_dataset_index(cfg)
     if global_batch > index.num_items:
         raise DataError(f"global_batch {global_batch} exceeds the {index.num_items} items in {index.root}")
+    if index.kind == "latents":
+        _check_latents(index, cfg, rank, world_size)
     backend = "memory" if index.kind == "memory" else _choose_backend(cfg)
     if backend == "memory":
         from .memory_backend import MemoryReader
@@ -125,3 +149,16 @@ def build_loader(cfg: DataConfig, global_batch: int, rank: int, world_size: int,
 
         reader = TorchReader(index, cfg.scale, cfg.num_workers)
     return Loader(index, cfg, global_batch, rank, world_size, int(seed), reader)
+
+
+def _check_latents(index: DatasetIndex, cfg: DataConfig, rank: int, world_size: int) -> None:
+    """data.verify's checksum pass (every rank takes part), and a warning when data.scale is not the VAE's."""
+    m = index.latents.manifest
+    if cfg.verify:
+        from .latent_verify import verify_latents
+
+        verify_latents(m, rank, world_size, threads=max(1, cfg.num_workers))
+    if rank == 0 and not math.isclose(cfg.scale, m.scale_factor, rel_tol=1e-6):
+        log.warning("data.scale %g differs from the scale_factor %g in %s: training samples are data.scale * latent "
+                    "(set --data.scale=%g to train on the VAE's unit-variance latents)", cfg.scale, m.scale_factor,
+                    m.path, m.scale_factor)

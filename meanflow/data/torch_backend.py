@@ -4,8 +4,9 @@ Samples are produced exactly as the DALI pipeline produces them: arrays via np.l
 W, times `scale`; images decoded by Pillow (EXIF orientation applied, converted to RGB), shorter side resized with
 round-half-up rounding and bilinear antialiased filtering (DALI's resize with subpixel_scale=False; within a few
 grey levels of it), center crop anchored at (size - S + 1) // 2 (DALI's rounding), then (p - 127.5) * (1 / 127.5)
-in float32 (bit-identical to DALI's crop_mirror_normalize). The dataset is keyed by (item, flip) pairs, so the
-workers stay stateless and the batch sampler alone carries the order.
+in float32 (bit-identical to DALI's crop_mirror_normalize); prepared latents as their stored (mean, std) rows read
+from the memory-mapped shards (latents.LatentShards.rows, the DALI reader's code too). The dataset is keyed by
+(item, flip) pairs, so the workers stay stateless and the batch sampler alone carries the order.
 """
 
 from __future__ import annotations
@@ -41,6 +42,22 @@ def load_image(path: str, size: int) -> np.ndarray:
         a = np.asarray(im)  # (h, w, 3)
     top, left = (h - size + 1) // 2, (w - size + 1) // 2
     return np.ascontiguousarray(a[top : top + size, left : left + size].transpose(2, 0, 1))  # (3, S, S)
+
+
+class LatentItemDataset(Dataset):
+    """dataset[(i, flip)] -> (mean, std float32 (C, h, w), label): the stored posterior rows of prepared latents,
+    row [:, 1] (the flipped image's) when flip is set; the Loader draws the sample from them."""
+
+    def __init__(self, index: DatasetIndex):
+        self.shards, self.labels = index.latents, index.labels
+
+    def __len__(self):
+        return self.shards.count
+
+    def __getitem__(self, key):
+        i, flip = key
+        mean, std = self.shards.rows(np.asarray([i]), np.asarray([flip]))  # (1, C, h, w) each
+        return torch.from_numpy(mean[0]), torch.from_numpy(std[0]), int(self.labels[i])
 
 
 class ItemDataset(Dataset):
@@ -99,7 +116,7 @@ class TorchReader:
                 raise DataError("the torch fallback reads images with Pillow: pip install pillow") from None
         self.sampler = _PlanSampler()
         self.loader = DataLoader(
-            ItemDataset(index, scale),
+            LatentItemDataset(index) if index.kind == "latents" else ItemDataset(index, scale),
             batch_sampler=self.sampler,
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
@@ -107,7 +124,7 @@ class TorchReader:
         )
 
     def batches(self, idx: np.ndarray, flip: np.ndarray | None):
-        """Yield (x, y) for each row of idx (S, B); flip (S, B) bool or None."""
+        """Yield (x, y) for each row of idx (S, B) ((mean, std, y) for prepared latents); flip (S, B) bool or None."""
         if flip is None:
             flip = np.zeros(idx.shape, bool)
         self.sampler.batches = [list(zip(r.tolist(), f.tolist())) for r, f in zip(idx, flip)]
