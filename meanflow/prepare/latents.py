@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from meanflow.vae import VAEError, latent_shape, load_vae, vae_identity
+from meanflow.vae import VAEError, encode_moments, latent_shape, load_vae, vae_identity
 
 from . import shards as disk
 from .decode import pil_batches
@@ -161,6 +161,11 @@ def encode_shards(vae, files, labels, todo, args, device, dtype, row_shape, sett
     if use_dali:
         from .dali_jpeg import dali_batches
 
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            raise PrepareError("--decoder dali: nvidia-dali is not installed (pip install -e .[dali])") from None
+
         stream = dali_batches(files, batches, size, workers, "mixed" if device.type == "cuda" else "cpu",
                               device.index or 0)
     else:
@@ -168,8 +173,6 @@ def encode_shards(vae, files, labels, todo, args, device, dtype, row_shape, sett
     total = sum(hi - lo for lo, hi in bounds.values())
     bar = tqdm(total=total, unit="img", desc=f"encode (rank {rank})", disable=rank != 0, dynamic_ncols=True)
     buffers, encoded, start = {}, 0, time.perf_counter()
-    from meanflow.vae import encode_moments
-
     for batch in stream:
         s = batch.indices[0] // args.shard_size
         buf = buffers.setdefault(s, ShardBuffer(s, bounds[s][0], bounds[s][1] - bounds[s][0]))
