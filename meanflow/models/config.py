@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from meanflow.models import MODEL_NAMES
+from meanflow.models.dit import HEADS
 from meanflow.models.prediction import PREDICTIONS
 
 
@@ -14,6 +15,7 @@ class ModelConfig:
     num_classes: int = 1000  # class-conditional with this many classes (+ a null class); 0: unconditional
     time_scale: float = 1.0  # times are embedded as t * time_scale (DiT used 1000; 1 trains stably here)
     prediction: str = "u"  # the output: "u" (the paper's) or "x", a clean image with u = (z - D) / max(t, 0.05)
+    head: str = "linear"  # DiT output: "linear" (DiT's, patch by patch) or "conv" (+ a residual 3x3 conv pair)
 
     def validate(self):
         if self.name not in MODEL_NAMES:
@@ -25,6 +27,10 @@ class ModelConfig:
             raise ValueError(f"model.num_classes: must be >= 0, got {self.num_classes}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"model.prediction: must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"model.head: must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.name == "MLP" and self.head != "linear":
+            raise ValueError(f"model.head: {self.head!r} is a DiT head over image patches; the MLP has none")
 
     def build_kwargs(self):
         """Keyword overrides of meanflow.models.create_model for this section."""
@@ -32,4 +38,4 @@ class ModelConfig:
             return dict(dim=self.in_channels, num_classes=self.num_classes, time_scale=self.time_scale,
                         prediction=self.prediction)
         return dict(input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
-                    time_scale=self.time_scale, prediction=self.prediction)
+                    time_scale=self.time_scale, prediction=self.prediction, head=self.head)

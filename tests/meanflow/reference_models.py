@@ -67,6 +67,9 @@ def small_model(kind, dtype=torch.float64):
     elif kind == "dit_x":  # the output is a clean image D, u = (z - D) / max(t, T_MIN) (meanflow.models.prediction)
         model = create_model("DiT-Nano/2", input_size=6, in_channels=3, num_classes=4, hidden_size=32, num_heads=2,
                              prediction="x")
+    elif kind == "dit_conv":  # the demo's shape: clean-image output through the 3x3 conv head (models.dit.ConvHead)
+        model = create_model("DiT-Nano/2", input_size=6, in_channels=3, num_classes=4, hidden_size=32, num_heads=2,
+                             prediction="x", head="conv")
     elif kind == "mlp_x":
         model = create_model("MLP", dim=5, width=24, depth=2, num_classes=3, prediction="x")
     else:
