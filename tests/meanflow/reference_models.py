@@ -40,6 +40,26 @@ def randomize_fan_in(model, generator=None):
     return model
 
 
+def randomize_imf(model, generator=None):
+    """An iMF model with nothing at its init: weights N(0, 1/fan_in), biases and learned tokens as
+    :func:`randomize_fan_in`, RMSNorm weights 1 + N(0, 0.25^2) and residual gates N(0, 0.5^2) (zero at init: every
+    block would be the identity), so that each block, QK-norm and the v-head change the output."""
+    randomize_fan_in(model, generator)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight"):
+                p.copy_(1 + 0.25 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+            elif name.endswith("_gate"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model
+
+
+def random_cond(batch, dtype=torch.float64):
+    """iMF's guidance conditions as its training draws them: omega = 8^U in [1, 8], t_min < 0.5 < t_max."""
+    return dict(omega=8 ** torch.rand(batch, dtype=dtype), t_min=0.5 * torch.rand(batch, dtype=dtype),
+                t_max=0.5 + 0.5 * torch.rand(batch, dtype=dtype))
+
+
 @contextlib.contextmanager
 def float64_tangent():
     """Inside, a DiT's dual engine carries a float64 tangent on whatever primal it runs (the floor of a bf16 primal:
@@ -72,6 +92,14 @@ def small_model(kind, dtype=torch.float64):
                              prediction="x", head="conv")
     elif kind == "mlp_x":
         model = create_model("MLP", dim=5, width=24, depth=2, num_classes=3, prediction="x")
+    elif kind == "imf":  # iMF's in-context DiT: a 2-block trunk, u and v heads of 1 block each, head dim 16
+        model = create_model("iMF-Nano/2", input_size=6, in_channels=3, num_classes=4, hidden_size=32, num_heads=2,
+                             depth=3, aux_head_depth=1)
+        return randomize_imf(model.to(dtype))
+    elif kind == "imf_uncond":  # no class tokens; a trunk of 0 blocks: the heads branch at the embeddings
+        model = create_model("iMF-Nano/2", input_size=4, in_channels=2, num_classes=0, hidden_size=32, num_heads=2,
+                             depth=2, aux_head_depth=2)
+        return randomize_imf(model.to(dtype))
     else:
         raise ValueError(kind)
     return randomize(model.to(dtype))
