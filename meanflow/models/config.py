@@ -16,6 +16,7 @@ class ModelConfig:
     time_scale: float = 1.0  # times are embedded as t * time_scale (DiT used 1000; 1 trains stably here)
     prediction: str = "u"  # the output: "u" (the paper's) or "x", a clean image with u = (z - D) / max(t, 0.05)
     head: str = "linear"  # DiT output: "linear" (DiT's, patch by patch) or "conv" (+ a residual 3x3 conv pair)
+    aux_head_depth: int = -1  # iMF models: blocks of the v-head (-1: the size's, 8 for the paper sizes; 0: none)
 
     def validate(self):
         if self.name not in MODEL_NAMES:
@@ -27,6 +28,13 @@ class ModelConfig:
             raise ValueError(f"model.num_classes: must be >= 0, got {self.num_classes}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"model.prediction: must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+        if self.name.startswith("iMF-"):  # iMF's network predicts u and embeds h = t - r as it is
+            if self.prediction != "u" or self.time_scale != 1.0:
+                raise ValueError(f"model.prediction / model.time_scale: {self.name} supports only \"u\" and 1.0, got "
+                                 f"{self.prediction!r} and {self.time_scale}")
+        if self.aux_head_depth < -1 or (self.aux_head_depth != -1 and not self.name.startswith("iMF-")):
+            raise ValueError(f"model.aux_head_depth: -1 (the size's), 0 or more blocks, and for iMF models only; got "
+                             f"{self.aux_head_depth} for {self.name}")
         if self.head not in HEADS:
             raise ValueError(f"model.head: must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.name == "MLP" and self.head != "linear":
@@ -34,6 +42,10 @@ class ModelConfig:
 
     def build_kwargs(self):
         """Keyword overrides of meanflow.models.create_model for this section."""
+        if self.name.startswith("iMF-"):
+            aux = None if self.aux_head_depth == -1 else self.aux_head_depth
+            return dict(input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
+                        aux_head_depth=aux)
         if self.name == "MLP":
             return dict(dim=self.in_channels, num_classes=self.num_classes, time_scale=self.time_scale,
                         prediction=self.prediction)

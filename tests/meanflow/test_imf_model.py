@@ -178,3 +178,17 @@ def test_paper_sizes_parameter_counts(name):
     assert v_head == sum(p.numel() for p in (*trained.v_blocks.parameters(), *trained.v_final_layer.parameters()))
     assert len(trained.v_blocks) == 8
 
+
+def test_model_config_builds_imf_models():
+    from meanflow.models.config import ModelConfig
+
+    cfg = ModelConfig(name="iMF-Micro/8", input_size=32, in_channels=1, num_classes=10)
+    cfg.validate()
+    assert len(create_model(cfg.name, **cfg.build_kwargs()).v_blocks) == 2  # -1: the size's v-head
+    cfg.aux_head_depth = 0
+    assert create_model(cfg.name, **cfg.build_kwargs()).v_final_layer is None
+    for bad in (dict(prediction="x"), dict(time_scale=1000.0), dict(aux_head_depth=-2)):
+        with pytest.raises(ValueError, match="model."):
+            ModelConfig(name="iMF-Micro/8", **bad).validate()
+    with pytest.raises(ValueError, match="aux_head_depth"):
+        ModelConfig(name="DiT-Micro/8", aux_head_depth=2).validate()
