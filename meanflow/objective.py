@@ -26,10 +26,12 @@ import torch
 from meanflow.jvp import ENGINES, u_and_dudt
 
 TIME_SAMPLERS = ("logit_normal", "uniform")
+KINDS = ("meanflow", "imf")  # the regression: MeanFlow's u-loss, or Improved MeanFlow's (meanflow/objective_imf.py)
 
 
 @dataclass
 class ObjectiveConfig:
+    kind: str = "meanflow"  # "meanflow" (u onto its target) or "imf" (Improved MeanFlow: docs/imf.md; an iMF model)
     time_sampler: str = "logit_normal"  # how t and r are drawn: "logit_normal" or "uniform"
     time_mu: float = -0.4  # logit-normal mean of t and r (each sigmoid(N(mu, sigma)); t = max, r = min)
     time_sigma: float = 1.0  # logit-normal standard deviation
@@ -44,6 +46,12 @@ class ObjectiveConfig:
     cfg_t_start: float = 0.0  # guidance applies for t in [cfg_t_start, cfg_t_end]
     cfg_t_end: float = 1.0  # end of the guidance interval
     engine: str = "dual"  # "dual" or "func" (the torch.func.jvp reference)
+    imf_omega_max: float = 8.0  # iMF: guidance scale omega drawn per row in [1, imf_omega_max] (official 1 + 7)
+    imf_omega_beta: float = 1.0  # iMF: omega's density ~ omega^-beta on [1, omega_max]; 1 = log-uniform (official)
+    imf_interval_split: float = 0.5  # iMF: guidance interval t_min ~ U(0, split), t_max ~ U(split, 1) (official 0.5)
+    imf_sample_omega: float = 8.0  # iMF sampling default of --omega (official 1-NFE B/2 and XL/2: 8.0)
+    imf_sample_t_min: float = 0.4  # iMF sampling default guidance interval start (official 1-NFE B/2: 0.4)
+    imf_sample_t_max: float = 0.65  # iMF sampling default guidance interval end (official 1-NFE B/2: 0.65)
 
     def validate(self):
         def bad(key, why):
@@ -63,7 +71,27 @@ class ObjectiveConfig:
             bad("adaptive_c", f"must be > 0 when adaptive_p != 0, got {self.adaptive_c}")
         if not 0.0 <= self.cfg_t_start <= self.cfg_t_end <= 1.0:
             bad("cfg_t_start", f"need 0 <= cfg_t_start <= cfg_t_end <= 1, got {self.cfg_t_start}, {self.cfg_t_end}")
+        if self.kind not in KINDS:
+            bad("kind", f"must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "imf":
+            self._validate_imf(bad)
         return self
+
+    def _validate_imf(self, bad):
+        if self.guided:
+            bad("cfg_w" if self.cfg_w != 1.0 else "cfg_k", "MeanFlow's guidance in training does not apply to kind "
+                "'imf', whose guidance is the sampled omega (objective.imf_omega_max): keep cfg_w = 1, cfg_k = 0")
+        if not self.imf_omega_max >= 1.0:
+            bad("imf_omega_max", f"must be >= 1 (omega = 1 is no guidance), got {self.imf_omega_max}")
+        if not self.imf_omega_beta >= 0.0:
+            bad("imf_omega_beta", f"must be >= 0, got {self.imf_omega_beta}")
+        if not 0.0 <= self.imf_interval_split <= 1.0:
+            bad("imf_interval_split", f"must lie in [0, 1], got {self.imf_interval_split}")
+        if not self.imf_sample_omega >= 1.0:
+            bad("imf_sample_omega", f"must be >= 1, got {self.imf_sample_omega}")
+        if not 0.0 <= self.imf_sample_t_min < self.imf_sample_t_max <= 1.0:
+            bad("imf_sample_t_min", "need 0 <= imf_sample_t_min < imf_sample_t_max <= 1, got "
+                f"{self.imf_sample_t_min}, {self.imf_sample_t_max}")
 
     @property
     def guided(self) -> bool:
@@ -117,6 +145,10 @@ def sample_times(cfg: ObjectiveConfig, batch: int, generator=None, dtype=torch.f
 
 
 def draw(cfg: ObjectiveConfig, batch: int, sample_shape, generator=None, dtype=torch.float32) -> Draw:
+    if cfg.kind == "imf":  # imported here: objective_imf builds on this module
+        from meanflow.objective_imf import imf_draw
+
+        return imf_draw(cfg, batch, sample_shape, generator, dtype)
     e = torch.randn(batch, *sample_shape, generator=generator, dtype=dtype)
     r, t = _times(cfg, batch, generator)
     order, n_equal, n_drop = _row_order(cfg, batch, generator)
@@ -187,8 +219,13 @@ def dudt_where_r_neq_t(model, cfg: ObjectiveConfig, z, r, t, y, v):
 def meanflow_loss(model, x, y, d: Draw, cfg: ObjectiveConfig):
     """One MeanFlow loss on data x (B, ...) with labels y (or None) and the step's randomness d.
 
-    Returns (loss, stats) where stats holds detached per-batch diagnostics.
+    Returns (loss, stats) where stats holds detached per-batch diagnostics. objective.kind "imf" is
+    meanflow.objective_imf.imf_loss (d then comes from ``draw`` with the same config).
     """
+    if cfg.kind == "imf":
+        from meanflow.objective_imf import imf_loss
+
+        return imf_loss(model, x, y, d, cfg)
     e, r, t = d.e, d.r, d.t
     z = (1 - _expand(t, x)) * x + _expand(t, x) * e
     v = e - x
