@@ -84,7 +84,7 @@ class Rope1D(nn.Module):
 
     def dual(self, x, dx):
         with torch.no_grad(), no_autocast(dx):
-            dy = self._rotate(dx, dx.dtype)
+            dy = self._rotate(dx, _compute_dtype(dx.dtype)).to(dx.dtype)  # a bf16 tangent has no complex type
         return self(x), dy
 
 

@@ -149,17 +149,19 @@ def test_cond_and_return_v_are_refused_by_models_without_them(seed):
     assert not getattr(model, "is_imf", False)
 
 
-def test_bf16_primal_keeps_an_fp32_tangent(seed):
+@pytest.mark.parametrize("precision", ["fp32", "primal"])
+def test_bf16_primal_with_its_tangent_precision(precision, seed):
     model = small_model("imf", torch.float32)
     z, r, t, y, v = [a.float() if a is not None and a.is_floating_point() else a for a in random_inputs(model)]
     cond = {k: c.float() for k, c in random_cond(z.shape[0]).items()}
     _, du_ref = u_and_dudt(model.double(), z.double(), r.double(), t.double(), y, v.double(),
                            cond={k: c.double() for k, c in cond.items()})
     model.float()
+    model.tangent_precision = precision
     with torch.autocast("cpu", dtype=torch.bfloat16):
         u, du = u_and_dudt(model, z, r, t, y, v, cond=cond)
-    assert u.dtype == torch.bfloat16 and du.dtype == torch.float32
-    assert rel_err(du.double(), du_ref) <= 0.1  # the bf16 primal's rounding, not a broken tangent (O(1) errors)
+    assert u.dtype == torch.bfloat16 and du.dtype == (torch.float32 if precision == "fp32" else torch.bfloat16)
+    assert rel_err(du.double(), du_ref) <= 0.1  # bf16 rounding, not a broken tangent (O(1) errors)
 
 
 # the counts without the v-head; each is this model's plus one timestep embedder (see models.imf_dit)
