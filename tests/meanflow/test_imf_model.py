@@ -194,3 +194,19 @@ def test_model_config_builds_imf_models():
             ModelConfig(name="iMF-Micro/8", **bad).validate()
     with pytest.raises(ValueError, match="aux_head_depth"):
         ModelConfig(name="DiT-Micro/8", aux_head_depth=2).validate()
+
+
+def test_activation_checkpointing_changes_nothing(seed):
+    model = small_model("imf")
+    z, r, t, y, v = random_inputs(model)
+    cond = random_cond(z.shape[0])
+    results = []
+    for flag in (False, True):
+        model.checkpoint_blocks = flag
+        model.zero_grad(set_to_none=True)
+        u, dudt, v_head = u_and_dudt(model, z, r, t, y, v, cond=cond, return_v=True)
+        (adaptive_loss(u, meanflow_target(v, r, t, dudt), 1.0, 1e-2)[0] + v_head.square().mean()).backward()
+        results.append((u.detach(), dudt, [p.grad.clone() for p in model.parameters()]))
+    (u0, d0, g0), (u1, d1, g1) = results
+    assert torch.equal(u0, u1) and torch.equal(d0, d1)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(g0, g1))
