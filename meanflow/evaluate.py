@@ -15,7 +15,9 @@ Samples: n per step count from one seeded noise tensor (seed = --seed, default t
 and labels for every step count so that 1- and 2-NFE are compared on paired draws, whatever the world size.
 Conditional models get class-balanced labels (n // classes each, the remainder spread evenly over the classes,
 shuffled with the same generator: 50 per class at 50,000 ImageNet samples); meanflow.eval_draws has the rule.
-Guidance is the one fixed at training (the MeanFlow model is trained guided): sampling adds none.
+Guidance is the one fixed at training (the MeanFlow model is trained guided): sampling adds none. Improved MeanFlow
+runs (objective.kind "imf") take it at sampling: --omega W and --interval T_MIN,T_MAX, by default the run's
+objective.imf_sample_* settings (meanflow.sample has the rules); the JSON then holds "omega" and "interval".
 
 Runs on prepared SD-VAE latents (data.root holds a meanflow-latents manifest.json; meanflow.latent_runs): n defaults
 to 50,000 (FID-50K, the paper's), and every sample is divided by data.scale and decoded through the run's VAE
@@ -94,7 +96,7 @@ from meanflow.reference_stats import (
     read_cached,
     write_cached,
 )
-from meanflow.sample import check_device, load_run
+from meanflow.sample import add_guidance_options, check_device, check_guidance_args, load_run, run_guidance
 from meanflow.sampling import sample
 from meanflow.toy_eval import evaluate_toy
 
@@ -212,17 +214,18 @@ def _plan_real(cfg, run_dir, n, floor, say) -> dict:
 # samples and what each rank extracts from them
 # ----------------------------------------------------------------------------------------------------------------------
 
-def sample_batches(model, cfg, n, steps, seed, batch, device, rows=None, decoder=None):
+def sample_batches(model, cfg, n, steps, seed, batch, device, rows=None, decoder=None, guidance=None):
     """Yield (x (B, C, H, W) in image range, labels (B,) or None) for rows [lo, hi) = `rows` (default all n) of n
     samples drawn from one seeded noise tensor and class-balanced label list (meanflow.eval_draws): the same rows for
-    any `steps`, `batch` and split. A latent run's samples go through `decoder` (a LatentDecoder) to RGB images."""
+    any `steps`, `batch` and split. A latent run's samples go through `decoder` (a LatentDecoder) to RGB images.
+    guidance: an iMF model's {omega, interval} (meanflow.sample.run_guidance)."""
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     noise, labels = evaluation_draws(seed, n, shape, cfg.model.num_classes, rows)  # (hi - lo, C, H, W), (hi - lo,)
     dtype = next(model.parameters()).dtype
     for i in range(0, noise.shape[0], batch):
         y = None if labels is None else labels[i:i + batch]
         x = sample(model, noise[i:i + batch].to(device, dtype), None if y is None else y.to(device),
-                   steps=steps).float()
+                   steps=steps, **(guidance or {})).float()
         if not torch.isfinite(x).all():
             raise ValueError(f"the model produced non-finite samples at {steps} step(s): the checkpoint diverged")
         yield (x / cfg.data.scale if decoder is None else decoder(x)), y
@@ -272,7 +275,7 @@ def _rank_work(ctx, plan, classifier, d) -> dict:
         preds, labels = [], []
         t0 = time.time()
         stream = sample_batches(ctx["model"], ctx["cfg"], ctx["n"], k, ctx["seed"], ctx["batch"], ctx["device"],
-                                (lo, hi), ctx.get("decoder"))
+                                (lo, hi), ctx.get("decoder"), ctx.get("guidance"))
         feats = ctx["extractor"].extract(_read_digits(stream, classifier, preds, labels), total=hi - lo,
                                          desc=f"{k}-NFE")
         out[k] = {"features": feats, "predictions": torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64),
@@ -438,6 +441,7 @@ def _metrics(ctx, plan, private, parts, say) -> dict:
                   real_features=private["path"], classifier=plan.get("classifier_path"), processes=ctx["processes"],
                   reference=None if reference is None else reference.source,
                   reference_count=None if reference is None else reference.count, vae=ctx.get("vae"),
+                  **{k: list(v) if k == "interval" else v for k, v in ctx.get("guidance", {}).items()},
                   seconds=round(time.time() - ctx["t0"], 1))
     write_json_atomic(os.path.join(ctx["run"], f"eval_step_{ctx['step']}.json"), result)
     return result
@@ -490,7 +494,7 @@ def _latent_setup(cfg, ref, vae, device, batch, say):
 
 
 def evaluate_run(run, steps=(1, 2), n=None, batch=50, seed=None, device="cpu", floor=True, checkpoint=None,
-                 verify=True, progress=True, ref=None, vae=None, ref_cache=None) -> dict:
+                 verify=True, progress=True, ref=None, vae=None, ref_cache=None, omega=None, interval=None) -> dict:
     """The metrics of a run as a dict (the JSON written to RUN/eval_step_<step>.json; see the module docstring).
 
     steps: step counts (a sequence or '1,2'); n: samples per step count (None: 50,000 for a run on prepared latents,
@@ -498,15 +502,18 @@ def evaluate_run(run, steps=(1, 2), n=None, batch=50, seed=None, device="cpu", f
     checkpoint: a checkpoint folder instead of the newest; verify: check its SHA-256 sums first; progress: tqdm bars
     and log lines on stderr; ref: FID reference statistics, an .npz or an image folder (required for a latent run);
     vae: the VAE that decodes a latent run's samples (None: the manifest's); ref_cache: where a folder's statistics
-    are cached (None: the run folder). Inside a process group (torchrun) the work is split over the ranks and every
+    are cached (None: the run folder); omega, interval ('A,B' or a pair): an iMF run's sampling guidance (None: the
+    run's objective.imf_sample_*). Inside a process group (torchrun) the work is split over the ranks and every
     rank returns the dict. Bad input raises ConfigError (a ValueError) naming the argument.
     """
     d = _current_dist()
     say = log if progress and d.is_main else _quiet
     steps, device = _check_args(steps, n, batch, seed, device, d)
+    omega, interval = check_guidance_args(omega, interval)
     if ref is not None and not os.path.exists(ref):
         raise ConfigError(f"--ref {ref}: no such file or folder")
     cfg, model, ckpt, step = load_run(run, checkpoint, device, verify, "meanflow.evaluate")
+    guidance = run_guidance(cfg, model, omega, interval)
     if cfg.data.source == "toy":  # 2-D points: distances to fresh draws of the data (one process: they are cheap)
         n = DEFAULT_N if n is None else n
         return _on_main(d, lambda: _toy_metrics(run, steps, n, seed, device, ckpt, step, say))
@@ -522,7 +529,7 @@ def evaluate_run(run, steps=(1, 2), n=None, batch=50, seed=None, device="cpu", f
     say(f"checkpoint {ckpt} (step {step}), n = {n}, steps {steps}, device {device}, {d.world_size} process(es)")
     ctx = {"run": run, "cfg": cfg, "model": model, "n": n, "steps": steps, "seed": seed, "batch": batch,
            "device": device, "floor": floor and ref is None, "step": step, "checkpoint": ckpt,
-           "processes": d.world_size, "ref": ref, "ref_cache": ref_cache, "decoder": decoder,
+           "processes": d.world_size, "ref": ref, "ref_cache": ref_cache, "decoder": decoder, "guidance": guidance,
            "vae": None if decoder is None else decoder.path,
            "image_size": cfg.model.input_size * (1 if decoder is None else decoder.factor),  # samples' side
            "extractor": InceptionFeatures(device, batch_size=batch, progress=progress and d.is_main),
@@ -556,6 +563,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-floor", action="store_true", help="skip the real-vs-real floor (saves n real images)")
     p.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's SHA-256 sums")
+    add_guidance_options(p)
     args = p.parse_args(argv)
     d = None
     try:
@@ -563,7 +571,8 @@ def main(argv=None) -> int:
             d = init_distributed()
         result = evaluate_run(args.run, steps=args.steps, n=args.n, batch=args.batch, seed=args.seed,
                               device=args.device, floor=not args.no_floor, checkpoint=args.checkpoint,
-                              verify=not args.no_verify, ref=args.ref, vae=args.vae, ref_cache=args.ref_cache)
+                              verify=not args.no_verify, ref=args.ref, vae=args.vae, ref_cache=args.ref_cache,
+                              omega=args.omega, interval=args.interval)
     except FAILURES as e:
         sys.stderr.write(f"meanflow.evaluate: error: {e}\n")  # one write: the ranks' lines share one stream
         return 2

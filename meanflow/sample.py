@@ -4,6 +4,7 @@ machine. The sampler itself is the library function meanflow.sampling.sample.
     python -m meanflow.sample --run runs/mnist-demo [--steps 1] [--n 64] [--out samples.png|samples.npz]
                               [--seed 0] [--checkpoint DIR] [--device cpu|cuda] [--no-verify]
     python -m meanflow.sample --run runs/imagenet-XL2 --decode [--vae PATH] [--out DIR|grid.png|samples.npz]
+    python -m meanflow.sample --run runs/mnist-imf [--omega 4] [--interval 0.2,0.8]      # an iMF run's guidance
 
 --decode (runs on prepared latents, meanflow.latent_runs): the samples are latents; they are divided by the run's
 data.scale and decoded through the VAE (--vae PATH, default the vae.path in the manifest of the run's data.root) to
@@ -21,6 +22,11 @@ refused rather than written: exit 2 with one line naming the checkpoint.
 The checkpoint's files are checked against the sizes and SHA-256 sums stored at save (meanflow.checkpoint) first: a
 damaged one is named with the next newest to pass as --checkpoint, and the command exits 2 without touching the run
 folder (a trainer may be writing it; meanflow.train sets damaged checkpoints aside when it resumes).
+
+--omega W and --interval T_MIN,T_MAX (Improved MeanFlow runs, objective.kind "imf"): the guidance scale (>= 1) and
+the times where it applies (0 <= T_MIN < T_MAX <= 1), chosen freely at sampling; by default the run's
+objective.imf_sample_omega / imf_sample_t_min / imf_sample_t_max (its preset's official 1-NFE setting). Other runs
+have their guidance fixed in training and refuse both options.
 """
 
 import argparse
@@ -44,7 +50,7 @@ from meanflow.eval_draws import evaluation_draws
 from meanflow.images import make_grid, save_arrays, save_samples, write_png
 from meanflow.latent_runs import LatentDecoder
 from meanflow.models import create_model
-from meanflow.sampling import sample, sample_grid
+from meanflow.sampling import check_guidance, default_guidance, sample, sample_grid
 
 
 def load_run(run_dir, checkpoint=None, device="cpu", verify=True, prog="meanflow.sample"):
@@ -120,7 +126,55 @@ def _parser():
     p.add_argument("--decode", action="store_true", help="decode latent samples to RGB images through the run's VAE "
                    "(--out: a folder of PNGs (default RUN/samples_<steps>nfe/), a grid .png or an ADM .npz)")
     p.add_argument("--vae", default=None, help="with --decode: the VAE folder (default: the data manifest's vae.path)")
+    add_guidance_options(p)
     return p
+
+
+def add_guidance_options(p):
+    """--omega and --interval, for meanflow.sample and meanflow.evaluate."""
+    p.add_argument("--omega", type=float, default=None, help="iMF runs: guidance scale >= 1 (default: the run's "
+                   "objective.imf_sample_omega)")
+    p.add_argument("--interval", default=None, metavar="T_MIN,T_MAX", help="iMF runs: guidance interval, 0 <= T_MIN "
+                   "< T_MAX <= 1 (default: the run's objective.imf_sample_t_min,imf_sample_t_max)")
+
+
+def parse_interval(text):
+    """'A,B' -> (A, B) floats, or a ConfigError naming --interval."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        interval = tuple(float(x) for x in parts)
+    except ValueError:
+        interval = ()
+    if len(interval) != 2:
+        raise ConfigError(f"--interval must be two times T_MIN,T_MAX (e.g. 0.4,0.65), got {text!r}")
+    return interval
+
+
+def check_guidance_args(omega, interval):
+    """(omega, interval) of --omega/--interval (interval 'A,B' or a pair), checked before anything is loaded."""
+    interval = parse_interval(interval) if isinstance(interval, str) else interval
+    try:
+        check_guidance(omega, interval)
+    except ValueError as e:  # "omega must ..." / "interval must ...": name the option
+        raise ConfigError(f"--{e}") from None
+    return omega, interval
+
+
+def run_guidance(cfg, model, omega, interval) -> dict:
+    """The sampling guidance of a loaded run: the options over the run's stored defaults; a ConfigError when given
+    for a model without guidance inputs."""
+    if (omega is not None or interval is not None) and not getattr(model, "is_imf", False):
+        given = "--omega" if omega is not None else "--interval"
+        raise ConfigError(f"{given}: this run's {cfg.model.name} is not an Improved MeanFlow model (iMF-...): its "
+                          "guidance was fixed in training; drop the option")
+    guidance = default_guidance(cfg.objective) if getattr(model, "is_imf", False) else {}
+    if omega is not None:
+        guidance["omega"] = omega
+    if interval is not None:
+        guidance["interval"] = interval
+    return guidance
 
 
 def _check_args(args):
@@ -158,14 +212,15 @@ def _sample_shape(cfg, out, decode=False):
     return shape
 
 
-def balanced_samples(model, n, num_classes, shape, seed, steps, device, batch=256):
-    """(x, labels, rows) from meanflow.eval_draws' class-balanced draws (what meanflow.evaluate samples)."""
+def balanced_samples(model, n, num_classes, shape, seed, steps, device, batch=256, **guidance):
+    """(x, labels, rows) from meanflow.eval_draws' class-balanced draws (what meanflow.evaluate samples);
+    guidance: an iMF model's omega / interval."""
     noise, labels = evaluation_draws(seed, n, shape, num_classes)
     dtype = next(model.parameters()).dtype
     out = []
     for i in range(0, n, batch):
         y = None if labels is None else labels[i:i + batch].to(device)
-        out.append(sample(model, noise[i:i + batch].to(device, dtype), y, steps=steps).float().cpu())
+        out.append(sample(model, noise[i:i + batch].to(device, dtype), y, steps=steps, **guidance).float().cpu())
     return torch.cat(out), labels, max(1, round(n ** 0.5))
 
 
@@ -191,26 +246,29 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         out, device = _check_args(args)
+        omega, interval = check_guidance_args(args.omega, args.interval)
         cfg, model, ckpt, step = load_run(args.run, args.checkpoint, device, not args.no_verify)
+        guidance = run_guidance(cfg, model, omega, interval)
         seed = cfg.train.seed if args.seed is None else args.seed
         shape = _sample_shape(cfg, out, args.decode)
         decoder = LatentDecoder.for_run(cfg, args.vae, device) if args.decode else None  # before sampling
         if args.decode and out.endswith(".npz"):  # an FID sample batch: evaluate's class-balanced draws
-            x, labels, rows = balanced_samples(model, args.n, cfg.model.num_classes, shape, seed, args.steps, device)
+            x, labels, rows = balanced_samples(model, args.n, cfg.model.num_classes, shape, seed, args.steps, device,
+                                               **guidance)
         else:
             x, labels, rows = sample_grid(model, args.n, num_classes=cfg.model.num_classes, sample_shape=shape,
-                                          seed=seed, steps=args.steps, device=device)
+                                          seed=seed, steps=args.steps, device=device, **guidance)
         bad = int((~torch.isfinite(x.flatten(1)).all(dim=1)).sum())
         if bad:
             raise CheckpointError(f"checkpoint {ckpt} (step {step}): {bad} of {args.n} samples hold NaN or inf "
                                   "values (its EMA weights are not finite, or the model overflows): nothing written")
-        extra = {}
+        extra = {k: list(v) if k == "interval" else v for k, v in guidance.items()}
         if decoder is None:
             save_samples(out, x, rows)
         else:
             images = decoder.uint8(x)  # (n, 3, S, S)
-            extra = {"files": save_decoded(out, images, labels, rows), "image_size": images.shape[-1],
-                     "vae": decoder.path}
+            extra.update(files=save_decoded(out, images, labels, rows), image_size=images.shape[-1],
+                         vae=decoder.path)
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"meanflow.sample: error: {e}", file=sys.stderr)
         return 2

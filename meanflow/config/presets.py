@@ -57,6 +57,49 @@ def _imagenet(name, w, k, t_end, p=1.0, c=1e-2):
     }
 
 
+IMAGENET_STEPS_PER_EPOCH = 1251  # 1,281,167 images at batch 1024, last partial batch dropped (official loader)
+
+
+def _imagenet_imf(name, epochs, omega, t_min, t_max):
+    """Improved MeanFlow's official ImageNet 256 recipe (Lyy-iiis/imeanflow: configs/default.py, train_config.yml,
+    imf.py): SD-VAE latents as the MeanFlow presets, batch 1024, AdamW lr 1e-4 (10 warmup epochs) beta2 0.95 wd 0,
+    EMA 0.9999, fp32 (TF32 matmuls on GPUs). train_config.yml gives B/2's 640 epochs; the released checkpoints are
+    step 800,640 (640 epochs) for B, M and L and 1,000,800 (800 epochs) for XL. Sampling defaults are the official
+    1-NFE settings of eval_config.yml (omega, [t_min, t_max]); docs/imf.md lists them all.
+    """
+    ipe = IMAGENET_STEPS_PER_EPOCH
+    return {
+        "model": {"name": name, "input_size": 32, "in_channels": 4, "num_classes": 1000},
+        "data": {"source": "npy", "scale": 0.18215, "hflip": True},
+        "objective": {"kind": "imf", "time_mu": -0.4, "time_sigma": 1.0, "ratio_r_neq_t": 0.5, "adaptive_p": 1.0,
+                      "adaptive_c": 0.01, "class_drop": 0.1, "imf_omega_max": 8.0, "imf_omega_beta": 1.0,
+                      "imf_interval_split": 0.5, "imf_sample_omega": omega, "imf_sample_t_min": t_min,
+                      "imf_sample_t_max": t_max},
+        "optim": {"lr": 1e-4, "beta2": 0.95, "weight_decay": 0.0, "warmup_steps": 10 * ipe, "ema_decay": 0.9999},
+        "train": {"steps": epochs * ipe, "global_batch": 1024, "out": f"runs/imagenet-{name.replace('/', '')}",
+                  "precision": "fp32", "tf32": True},
+    }
+
+
+def _mnist_imf():
+    """iMF on the embedded MNIST at the demo's size: iMF-Micro/8 (width 128, 16 patch tokens + 20 prefix tokens,
+    a 2-block trunk with 2-block u- and v-heads: the demo's 4 blocks deep on the u path), 1500 steps at batch 64,
+    the demo's optimizer, iMF's official objective. Sampling guidance: omega 2 (the iMF target's fixed point is
+    classifier-free guidance at scale omega, so this is the demo's w = 2) over [0, 1]; not tuned here.
+    """
+    return {
+        "model": {"name": "iMF-Micro/8", "input_size": 32, "in_channels": 1, "num_classes": 10},
+        "data": {"source": "mnist"},
+        "objective": {"kind": "imf", "time_mu": -0.4, "time_sigma": 1.0, "ratio_r_neq_t": 0.5, "adaptive_p": 1.0,
+                      "adaptive_c": 0.01, "class_drop": 0.1, "imf_sample_omega": 2.0, "imf_sample_t_min": 0.0,
+                      "imf_sample_t_max": 1.0},
+        "optim": {"lr": 2e-3, "warmup_steps": 100, "grad_clip": 1.0, "ema_decay": 0.999, "ema_warmup": True},
+        "train": {"steps": 1500, "global_batch": 64, "out": "runs/mnist-imf"},
+        "log": {"every": 50, "sample_every": 300},
+        "checkpoint": {"every": 500, "keep_last": 2},
+    }
+
+
 def _toy(name, scale=1.0):
     """MLP (the default: 256 wide, 3 residual blocks) on a 2-D toy of meanflow/data/toy.py, unconditional: 3000 steps,
     ~45 s in one CPU thread (README: 2-D toys). Tuned by meanflow.toy_eval's distances on 1000-4000-step runs: adaptive
@@ -82,6 +125,11 @@ PRESETS = {
     "imagenet-M2": lambda: _imagenet("DiT-M/2", 1.0, 0.5, 1.0),
     "imagenet-L2": lambda: _imagenet("DiT-L/2", 0.2, 0.92, 0.8),
     "imagenet-XL2": lambda: _imagenet("DiT-XL/2", 0.2, 0.92, 0.75),
+    "mnist-imf": _mnist_imf,
+    "imagenet-iMF-B2": lambda: _imagenet_imf("iMF-B/2", 640, 8.0, 0.4, 0.65),
+    "imagenet-iMF-M2": lambda: _imagenet_imf("iMF-M/2", 640, 10.5, 0.4, 0.6),
+    "imagenet-iMF-L2": lambda: _imagenet_imf("iMF-L/2", 640, 10.5, 0.4, 0.6),
+    "imagenet-iMF-XL2": lambda: _imagenet_imf("iMF-XL/2", 800, 8.0, 0.42, 0.62),
     # x 4/sqrt(3): FFJORD's [-4, 4] checker; at std 1 the 1-NFE samples came out as an X across the cells
     "toy-checkerboard": lambda: _toy("checkerboard", scale=4 / 3**0.5),
     "toy-8gaussians": lambda: _toy("8gaussians"),
@@ -96,6 +144,11 @@ PRESET_HELP = {
     "imagenet-M2": "the paper's DiT-M/2 recipe, as imagenet-B2",
     "imagenet-L2": "the paper's DiT-L/2 recipe (guidance w 0.2, k 0.92, t <= 0.8)",
     "imagenet-XL2": "the paper's DiT-XL/2 recipe (guidance w 0.2, k 0.92, t <= 0.75)",
+    "mnist-imf": "Improved MeanFlow (objective.kind imf) on the embedded MNIST: iMF-Micro/8, the demo's budget",
+    "imagenet-iMF-B2": "iMF's official iMF-B/2 recipe on ImageNet 256 latents: 640 epochs at batch 1024, fp32",
+    "imagenet-iMF-M2": "iMF's official iMF-M/2 recipe, as imagenet-iMF-B2 (sampling omega 10.5, [0.4, 0.6])",
+    "imagenet-iMF-L2": "iMF's official iMF-L/2 recipe, as imagenet-iMF-B2 (sampling omega 10.5, [0.4, 0.6])",
+    "imagenet-iMF-XL2": "iMF's official iMF-XL/2 recipe: 800 epochs (sampling omega 8.0, [0.42, 0.62])",
     "toy-checkerboard": "MLP on FFJORD's 2-D checkerboard (data.toy), unconditional, ~1 min on 2 CPU cores",
     "toy-8gaussians": "MLP on 8 Gaussians on a circle of radius 2, as toy-checkerboard",
     "toy-moons": "MLP on two moons, as toy-checkerboard",

@@ -8,6 +8,9 @@
                                      class (on 2-D data a scatter beside the data), from the same noise every time
     <train.out>/loss.png             loss and mse against step (meanflow.plots), at every checkpoint and the end
 
+An Improved MeanFlow run (objective.kind "imf") samples with its stored guidance, objective.imf_sample_omega and
+[imf_sample_t_min, imf_sample_t_max] (meanflow.sampling.default_guidance), as meanflow.sample does by default.
+
 Sampling goes through meanflow.sampling.sample_grid: its noise comes from a generator of its own seeded with
 train.seed, so the pictures never draw from the training randomness (every step's noise and times come from
 (train.seed, step) generators anyway) and a step grid shows the same noise each time, so grids compare across steps.
@@ -27,7 +30,7 @@ import torch
 from meanflow.errors import ConfigError
 from meanflow.images import make_grid, panels, save_arrays, to_uint8, write_png
 from meanflow.plots import LOSS_PNG, PlotsUnavailable, plot_loss, plot_scatter
-from meanflow.sampling import grid_classes, sample_grid
+from meanflow.sampling import default_guidance, grid_classes, sample_grid
 from meanflow.trainer.run_folder import METRICS
 
 log = logging.getLogger("meanflow.train")
@@ -116,9 +119,10 @@ class Pictures:
         self.data = torch.cat(got)[:self.scatter_n].numpy()
 
     def _draw(self, module, n, steps):
+        guidance = default_guidance(self.cfg.objective) if getattr(module, "is_imf", False) else {}
         with sampling_mode(module):
             return sample_grid(module, n, num_classes=self.cfg.model.num_classes, sample_shape=self.item_shape,
-                               seed=self.cfg.train.seed, steps=steps, device=self.d.device)
+                               seed=self.cfg.train.seed, steps=steps, device=self.d.device, **guidance)
 
     def _skipped(self, what, why):
         if what not in self._silenced:
