@@ -2,7 +2,8 @@
 would change the recipe the checkpoint was trained with.
 
     applied      logging, checkpoint cadence, precision, compile, train.steps, the lr schedule, grad clipping, the
-                 EMA's decay, data.num_workers/loader/verify, train.out: read afresh at every start
+                 EMA's decay, data.num_workers/loader/verify, train.out, objective.imf_sample_* (iMF's sampling
+                 guidance): read afresh at every start
     optimizer    optim.lr, beta1, beta2, weight_decay: the checkpoint's optimizer state carries its own values, so
                  they are written into the param groups after loading (meanflow.trainer.optim.set_hyperparameters)
     recipe       everything else (train.global_batch, train.seed, objective.*, data.*): the resumed run would no
@@ -21,7 +22,9 @@ log = logging.getLogger("meanflow.train")
 APPLIED = {"optim.warmup_steps", "optim.schedule", "optim.final_lr_ratio", "optim.grad_clip", "optim.impl", "optim.ema_decay", "optim.ema_warmup",
            "train.steps", "train.precision", "train.tangent_precision", "train.tf32", "train.compile",
            "train.activation_checkpointing", "train.out", "train.samples_at_end", "train.max_bad_steps",
-           "data.num_workers", "data.loader", "data.verify"}
+           "data.num_workers", "data.loader", "data.verify",
+           # iMF's sampling guidance: read by the sample grids and as the CLIs' defaults, never by training
+           "objective.imf_sample_omega", "objective.imf_sample_t_min", "objective.imf_sample_t_max"}
 APPLIED_SECTIONS = {"log", "checkpoint"}
 OPTIMIZER = {"optim.lr", "optim.beta1", "optim.beta2", "optim.weight_decay"}
 NOT_COMPARED = {"train.allow_config_change"}  # about this start, not the run

@@ -221,3 +221,14 @@ def test_trainer_grids_use_the_stored_guidance(tmp_path, monkeypatch):
     seen.clear()
     p._draw(small_model("dit"), 4, 1)
     assert "omega" not in seen
+
+
+def test_resuming_with_other_sampling_guidance_is_not_a_recipe_change():
+    """objective.imf_sample_* only pick the guidance of samples: a resumed run may change them; the training keys
+    of iMF's guidance stay part of the recipe."""
+    from meanflow.trainer.config_change import kind
+
+    for key in ("imf_sample_omega", "imf_sample_t_min", "imf_sample_t_max"):
+        assert kind(f"objective.{key}") == "applied"
+    for key in ("kind", "imf_omega_max", "imf_omega_beta", "imf_interval_split"):
+        assert kind(f"objective.{key}") == "recipe"
