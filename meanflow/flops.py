@@ -1,4 +1,4 @@
-"""FLOPs of one MeanFlow training step, the devices' peak rates, MFU, and a memory estimate per preset.
+"""FLOPs of one MeanFlow (or iMF) training step, the devices' peak rates, MFU, and a memory estimate per preset.
 
 A matmul of (m, k) by (k, n) costs 2 m n k FLOPs. Per image, a DiT of depth L, width D, H heads, MLP width M (4 D),
 T = (input_size / patch)^2 tokens of C p^2 values each and the embedders' 256 sinusoid features, forward:
@@ -33,10 +33,20 @@ round(ratio_r_neq_t G) / G of a global batch G) and g guidance forwards:
     g = [cfg_k != 0] + [1 - cfg_w - cfg_k != 0] on a class-conditional model with guidance in training (the no-grad
         forwards u(z, t, t | y) and u(z, t, t | null) of objective.guided_velocity, over every row), else 0.
 
-These are model FLOPs (PaLM's convention): recomputation is not counted, neither activation checkpointing's second
-forward nor the flash attention backward's second Q K^T, nor the torch reference attention's P recomputed in fp32
-for an fp32 tangent on a bf16 primal. A rank that drew no r != t row runs its dual pass on one row (its model calls
-must match the others'): ignored.
+On an iMF model (meanflow.models.imf_dit) the dual pass's tangent skips the class and guidance tokens (constants
+along it), so the tangent adds F - (three embedders) + A rather than F + A: ForwardFlops.tangent holds it. An iMF
+step (objective.kind "imf", meanflow/objective_imf.py) has its own passes, with F_v the training forward (u and the
+v-head's v), E its no-gradient layers and U the tangent of the u path (the v-head takes no tangent):
+
+    objective.kind = "imf"      g F_v + (F_v + U) + (2 F_v - E)
+        (one no-grad forward of the guidance rows through the trunk and both heads: g = 2 on a class-conditional
+        model, the (y, w) and (null, 1) copies of every row, g = 1 without labels; one dual pass of every row, the
+        v-head in the same pass; its backward, through both heads and the shared trunk once)
+
+These are the dual engine's model FLOPs (PaLM's convention; objective.engine "func" runs more): recomputation is not
+counted, neither activation checkpointing's second forward nor the flash attention backward's second Q K^T, nor the
+torch reference attention's P recomputed in fp32 for an fp32 tangent on a bf16 primal. A rank that drew no r != t
+row runs its dual pass on one row (its model calls must match the others'): ignored.
 
 MFU = step FLOPs per image x images/s over all ranks / (world size x the device's peak), the peak being the dense
 (no 2:4 sparsity) tensor-core rate of the compute dtype: bf16 under train.precision bf16, TF32 under fp32 with
@@ -48,11 +58,12 @@ import argparse
 import inspect
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from meanflow.models import DIT_SIZES
+from meanflow.models import DIT_SIZES, IMF_SIZES
+from meanflow.models.imf_dit import PREFIX
 from meanflow.models.mlp import MLP
 from meanflow.objective import JVP_SPLIT_MAX_RATIO
 
@@ -67,15 +78,21 @@ CONV_HEAD_HIDDEN = 32  # channels of the DiT's optional conv head (model.head "c
 @dataclass(frozen=True)
 class ForwardFlops:
     """FLOPs of one forward for one image: per layer (keyed by the model's module names; a block's attention core
-    is ``blocks.<i>.attn.core``), the attention core's share and that of the layers whose input needs no gradient."""
+    is ``blocks.<i>.attn.core``), the attention core's share and that of the layers whose input needs no gradient.
+    ``tangent``: what the tangent adds to a dual pass; None means every layer carries one, i.e. F + A."""
 
     layers: dict
     attention: int
     no_input_grad: int
+    tangent: int = None
 
     @property
     def total(self) -> int:
         return sum(self.layers.values())
+
+    @property
+    def dual_tangent(self) -> int:
+        return self.total + self.attention if self.tangent is None else self.tangent
 
 
 def _linear(m, k, n):
@@ -126,14 +143,86 @@ def mlp_forward_flops(dim, width=None, depth=None):
     return ForwardFlops(layers, 0, no_grad_in)
 
 
-def model_forward_flops(model_cfg) -> ForwardFlops:
-    """ForwardFlops of the network a ``model.*`` config section (meanflow.models.config.ModelConfig) builds."""
-    if model_cfg.name == "MLP":
+def _imf_block(prefix, N, D, M):
+    return {
+        f"{prefix}.attn.qkv": _linear(N, D, 3 * D),
+        f"{prefix}.attn.core": 2 * _linear(N, D, N),  # Q K^T and P V over the whole sequence, all heads together
+        f"{prefix}.attn.proj": _linear(N, D, D),
+        f"{prefix}.mlp.w13": _linear(N, D, 2 * M),  # W1 and W3 stacked
+        f"{prefix}.mlp.w2": _linear(N, M, D),
+    }
+
+
+def imf_forward_flops(input_size, patch_size, in_channels, hidden_size, depth, num_heads, aux_head_depth,
+                      num_classes, mlp_ratio=8 / 3, v_head=False):
+    """ForwardFlops of meanflow.models.imf_dit.ImfDiT (num_heads does not change the count).
+
+    N = T + P tokens: T patches and P prefix tokens (20, or 12 without class tokens). The class tokens are a table
+    lookup; omega, t_min, t_max and h each have a time embedder. The blocks are bias-free, SwiGLU of hidden width
+    M = int(D mlp_ratio) (three matmuls), and the final layers run on every token (the prefix is dropped after):
+
+        patch embed 2 T (C p^2) D     4 embedders 4 x 2 (256 D + D^2)     final layer 2 N D (p^2 C)
+        per block   qkv 2 N D (3 D) + attention 2 N^2 D + 2 N^2 D + out proj 2 N D^2 + SwiGLU 2 N D (2 M) + 2 N M D
+
+    u runs the first ``depth`` blocks and the final layer; v_head adds the v-head's aux_head_depth blocks and its
+    final layer (it branches after the trunk's depth - aux_head_depth blocks). A dual pass's tangent (``tangent``)
+    runs the patch embed, the h embedder, the u path's blocks (attention's tangent: four matmuls against two) and
+    its final layer: the class and guidance tokens are constants along the tangent, and the v-head takes none.
+    """
+    if v_head and aux_head_depth == 0:
+        raise ValueError("meanflow.flops: v_head: this iMF model has no v-head (aux_head_depth=0)")
+    T, D, P = (input_size // patch_size) ** 2, hidden_size, patch_size * patch_size * in_channels
+    N, M = T + sum(PREFIX.values()) - (PREFIX["y"] if num_classes == 0 else 0), int(hidden_size * mlp_ratio)
+    layers = {"x_embedder": _linear(T, P, D)}
+    for cond in ("omega", "t_min", "t_max", "h"):
+        layers.update(_time_embedder(f"{cond}_tokens.embedder", D))
+    for i in range(depth):
+        layers.update(_imf_block(f"blocks.{i}", N, D, M))
+    layers["final_layer.linear"] = _linear(N, D, P)
+    heads = [f"blocks.{i}" for i in range(depth)]
+    if v_head:
+        for i in range(aux_head_depth):
+            layers.update(_imf_block(f"v_blocks.{i}", N, D, M))
+        layers["v_final_layer.linear"] = _linear(N, D, P)
+        heads += [f"v_blocks.{i}" for i in range(aux_head_depth)]
+    u_attention = depth * layers["blocks.0.attn.core"] if depth else 0
+    with_tangent = ("x_embedder", "h_tokens.", "blocks.", "final_layer.")  # v_blocks. and v_final_layer. excluded
+    tangent = sum(v for k, v in layers.items() if k.startswith(with_tangent)) + u_attention
+    no_grad_in = layers["x_embedder"] + sum(layers[f"{c}_tokens.embedder.mlp.0"] for c in ("omega", "t_min", "t_max",
+                                                                                          "h"))
+    attention = sum(layers[f"{b}.attn.core"] for b in heads)
+    return ForwardFlops(layers, attention, no_grad_in, tangent)
+
+
+def imf_patch(name):
+    return int(name.split("/")[1])
+
+
+def imf_size(model_cfg):
+    """(depth, hidden, heads, aux_head_depth) of an iMF ``model.*`` section (its aux_head_depth override applied)."""
+    depth, hidden, heads, aux = IMF_SIZES[model_cfg.name[len("iMF-"):].split("/")[0]]
+    aux = aux if getattr(model_cfg, "aux_head_depth", -1) == -1 else model_cfg.aux_head_depth
+    return depth, hidden, heads, aux
+
+
+def model_forward_flops(model_cfg, v_head=False) -> ForwardFlops:
+    """ForwardFlops of the network a ``model.*`` config section (meanflow.models.config.ModelConfig) builds: its
+    forward for u (what sampling runs); with v_head, an iMF model's training forward (u and the v-head's v)."""
+    name = model_cfg.name
+    if name.startswith("iMF-"):
+        depth, hidden, heads, aux = imf_size(model_cfg)
+        return imf_forward_flops(model_cfg.input_size, imf_patch(name), model_cfg.in_channels, hidden, depth,
+                                 heads, aux, model_cfg.num_classes, v_head=v_head)
+    if v_head:
+        raise ValueError(f"meanflow.flops: {name} has no v-head (objective.kind 'imf' needs an iMF model)")
+    if name == "MLP":
         return mlp_forward_flops(model_cfg.in_channels)
-    size, patch = model_cfg.name[len("DiT-"):].split("/")
-    depth, hidden, heads = DIT_SIZES[size]
-    return dit_forward_flops(model_cfg.input_size, int(patch), model_cfg.in_channels, hidden, depth, heads,
-                             head=getattr(model_cfg, "head", "linear"))
+    if name.startswith("DiT-") and name[len("DiT-"):].split("/")[0] in DIT_SIZES:
+        size, patch = name[len("DiT-"):].split("/")
+        depth, hidden, heads = DIT_SIZES[size]
+        return dit_forward_flops(model_cfg.input_size, int(patch), model_cfg.in_channels, hidden, depth, heads,
+                                 head=getattr(model_cfg, "head", "linear"))
+    raise ValueError(f"meanflow.flops: no FLOP count for model {name!r} (counted: DiT-*, iMF-*, MLP)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -158,19 +247,28 @@ def r_neq_t_share(objective_cfg, global_batch=None) -> float:
 
 def step_flops_per_image(fwd: ForwardFlops, objective_cfg, conditional: bool, global_batch=None) -> float:
     """FLOPs of one MeanFlow training step per image (module docstring)."""
-    F, A, E = fwd.total, fwd.attention, fwd.no_input_grad
+    F, E, dual = fwd.total, fwd.no_input_grad, fwd.total + fwd.dual_tangent  # dual: 2 F + A for a DiT
     guidance = guidance_forwards(objective_cfg, conditional) * F
     if objective_cfg.ratio_r_neq_t == 0.0:
         return F + (2 * F - E) + guidance
     if objective_cfg.ratio_r_neq_t <= JVP_SPLIT_MAX_RATIO:
-        return F + (2 * F - E) + r_neq_t_share(objective_cfg, global_batch) * (2 * F + A) + guidance
-    return (2 * F + A) + (2 * F - E) + guidance
+        return F + (2 * F - E) + r_neq_t_share(objective_cfg, global_batch) * dual + guidance
+    return dual + (2 * F - E) + guidance
+
+
+def imf_step_flops_per_image(fwd: ForwardFlops, conditional: bool) -> float:
+    """FLOPs of one iMF training step per image (meanflow.objective_imf.imf_loss); fwd is the training forward
+    (u and v: model_forward_flops(..., v_head=True)). Module docstring."""
+    F, E = fwd.total, fwd.no_input_grad
+    return (2 if conditional else 1) * F + (F + fwd.dual_tangent) + (2 * F - E)
 
 
 def config_step_flops(cfg) -> float:
-    """step_flops_per_image for a whole run config (meanflow.config.Config)."""
-    return step_flops_per_image(model_forward_flops(cfg.model), cfg.objective, cfg.model.num_classes > 0,
-                                cfg.train.global_batch)
+    """step_flops_per_image (or imf_step_flops_per_image) for a whole run config (meanflow.config.Config)."""
+    conditional = cfg.model.num_classes > 0
+    if getattr(cfg.objective, "kind", "meanflow") == "imf":
+        return imf_step_flops_per_image(model_forward_flops(cfg.model, v_head=True), conditional)
+    return step_flops_per_image(model_forward_flops(cfg.model), cfg.objective, conditional, cfg.train.global_batch)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -241,6 +339,11 @@ def mfu(step_flops: float, images_per_s: float, world_size: int, peak_flops):
 
 STATE_BYTES_PER_PARAM = 20  # fp32 weights 4 + fp32 gradients 4 + AdamW's two moments 8 + the fp32 EMA 4
 SAVED_PER_TOKEN_PER_BLOCK = 18  # activations a DiT block keeps for its backward, in units of D values per token
+# an iMF block's, measured with torch.autograd.graph.saved_tensors_hooks on a CPU fp32 block (D 768 and 1024, 276
+# tokens): 26.8 besides its input (norm outputs, q k v, normed and rotated q k, attention output and its log-sum-exp,
+# merged heads, out proj, SwiGLU's 2 M + M + M, its output), so 28 with the input. Under bf16 the norms' fp32
+# internals add a little.
+IMF_SAVED_PER_TOKEN_PER_BLOCK = 28
 
 
 def parameter_count(model_cfg) -> int:
@@ -260,31 +363,52 @@ def memory_per_gpu_bytes(cfg, gpus: int = 8, activation_checkpointing: bool = Fa
         activations  b L T D s a                          without checkpointing, a = 18 per token per block:
                        x and modulated x (2), q k v (3), attention output (1), out proj (1), x and modulated x (2),
                        MLP hidden before and after GELU (2 x 4), MLP output (1); flash attention keeps no T x T
-                     b T D s (L + 18)                     with activation checkpointing: each block's input, plus
+                     b T D s (L + a)                      with activation checkpointing: each block's input, plus
                                                            one block recomputed in the backward
-    b = train.global_batch / gpus images, s = 2 bytes (bf16 compute on GPUs) or 4 (train.precision fp32). Left out:
-    the no-grad passes (guidance forwards, the r != t dual pass: freed layer by layer), the CUDA context and the
-    allocator's fragmentation (often 1-3 GiB), and non-DiT models' activations (counted as zero).
+    b = train.global_batch / gpus images, s = 2 bytes (bf16 compute on GPUs) or 4 (train.precision fp32). An iMF
+    model (_imf_memory_terms): T counts its prefix tokens, L its v-head's blocks under objective.kind "imf", a = 28
+    (IMF_SAVED_PER_TOKEN_PER_BLOCK, measured) and N_block = 4 D^2 + 3 D M. Left out: the no-grad passes (guidance
+    forwards, iMF's of 2B rows, the r != t dual pass: freed layer by layer), the CUDA context and the allocator's
+    fragmentation (often 1-3 GiB), and the MLP's activations (counted as zero).
     """
     n = parameter_count(cfg.model)
     b = cfg.train.global_batch / gpus
     s = 4 if cfg.train.precision == "fp32" else 2
     if cfg.model.name == "MLP":
         return STATE_BYTES_PER_PARAM * n / gpus
-    size, patch = cfg.model.name[len("DiT-"):].split("/")
-    L, D, _ = DIT_SIZES[size]
-    T = (cfg.model.input_size // int(patch)) ** 2
-    n_block = 18 * D * D  # qkv 3 D^2, proj D^2, MLP 8 D^2, adaLN 6 D^2 (biases neglected)
-    per_token_blocks = (L + SAVED_PER_TOKEN_PER_BLOCK) if activation_checkpointing else L * SAVED_PER_TOKEN_PER_BLOCK
+    if cfg.model.name.startswith("iMF-"):
+        L, D, T, n_block, a = _imf_memory_terms(cfg)
+    else:
+        model_forward_flops(cfg.model)  # an unknown name: the same clear error as the FLOP count
+        size, patch = cfg.model.name[len("DiT-"):].split("/")
+        L, D, _ = DIT_SIZES[size]
+        T = (cfg.model.input_size // int(patch)) ** 2
+        n_block, a = 18 * D * D, SAVED_PER_TOKEN_PER_BLOCK  # qkv 3 D^2, proj D^2, MLP 8 D^2, adaLN 6 D^2 (no biases)
+    per_token_blocks = (L + a) if activation_checkpointing else L * a
     return STATE_BYTES_PER_PARAM * n / gpus + n_block * 8 + b * T * D * s * per_token_blocks
+
+
+def _imf_memory_terms(cfg):
+    """(L, D, T, N_block, a) of memory_per_gpu_bytes for an iMF model: L blocks with gradients (the u path's depth,
+    plus the v-head's under objective.kind "imf"), T tokens including the prefix, N_block = 4 D^2 + 3 D M (bias-free
+    q/k/v/o and SwiGLU) and a = IMF_SAVED_PER_TOKEN_PER_BLOCK."""
+    depth, D, _, aux = imf_size(cfg.model)
+    L = depth + (aux if getattr(cfg.objective, "kind", "meanflow") == "imf" else 0)
+    M = int(D * 8 / 3)
+    T = (cfg.model.input_size // imf_patch(cfg.model.name)) ** 2 + sum(PREFIX.values())
+    T -= PREFIX["y"] if cfg.model.num_classes == 0 else 0
+    return L, D, T, 4 * D * D + 3 * D * M, IMF_SAVED_PER_TOKEN_PER_BLOCK
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the README tables: python -m meanflow.flops --table | --peaks
 # ----------------------------------------------------------------------------------------------------------------------
 
-PAPER_FID_1NFE = {"imagenet-B2": 6.17, "imagenet-M2": 5.01, "imagenet-L2": 3.84, "imagenet-XL2": 3.43}  # Table 2
-TABLE_PRESETS = ("imagenet-B2", "imagenet-M2", "imagenet-L2", "imagenet-XL2", "mnist-demo")
+# MeanFlow's Table 2, and iMF's paper as its official README (Lyy-iiis/imeanflow) lists it
+PAPER_FID_1NFE = {"imagenet-B2": 6.17, "imagenet-M2": 5.01, "imagenet-L2": 3.84, "imagenet-XL2": 3.43,
+                  "imagenet-iMF-B2": 3.39, "imagenet-iMF-M2": 2.27, "imagenet-iMF-L2": 1.86, "imagenet-iMF-XL2": 1.72}
+TABLE_PRESETS = ("imagenet-B2", "imagenet-M2", "imagenet-L2", "imagenet-XL2", "mnist-demo", "imagenet-iMF-B2",
+                 "imagenet-iMF-M2", "imagenet-iMF-L2", "imagenet-iMF-XL2", "mnist-imf")
 
 
 def preset_row(name, gpus=8):
@@ -293,8 +417,12 @@ def preset_row(name, gpus=8):
     cfg = apply_overrides(Config(), PRESETS[name]())  # not validated: the ImageNet presets need a data.root
     fwd = model_forward_flops(cfg.model)
     gib = 2.0**30
+    inference = None  # an iMF model's parameters without its v-head (the paper's count)
+    if cfg.model.name.startswith("iMF-"):
+        inference = parameter_count(replace(cfg.model, aux_head_depth=0))
     return {
         "preset": name, "model": cfg.model.name, "parameters": parameter_count(cfg.model),
+        "parameters_inference": inference,
         "forward_gflops": fwd.total / 1e9, "step_gflops": config_step_flops(cfg) / 1e9,
         "batch_per_gpu": cfg.train.global_batch / gpus,
         "memory_gib": memory_per_gpu_bytes(cfg, gpus) / gib,
@@ -309,7 +437,10 @@ def preset_table(gpus=8) -> str:
     for name in TABLE_PRESETS:
         r = preset_row(name, gpus)
         fid = "-" if r["fid_1nfe"] is None else f"{r['fid_1nfe']:.2f}"
-        lines.append(f"| {name} | {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['forward_gflops']:.4g} | "
+        params = f"{r['parameters'] / 1e6:.1f}M"
+        if r["parameters_inference"] is not None:
+            params += f" ({r['parameters_inference'] / 1e6:.1f}M w/o v-head)"
+        lines.append(f"| {name} | {r['model']} | {params} | {r['forward_gflops']:.4g} | "
                      f"{r['step_gflops']:.4g} | {r['batch_per_gpu']:g} | {r['memory_gib']:.2f} | "
                      f"{r['memory_gib_checkpointed']:.2f} | {fid} |")
     return "\n".join(lines)

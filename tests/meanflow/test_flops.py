@@ -158,6 +158,8 @@ def test_table_command_prints_every_preset(capsys):
         row = next(line for line in out.splitlines() if line.startswith(f"| {preset} |"))
         assert row.endswith(f"| {fid:.2f} |")
     assert "| imagenet-XL2 | DiT-XL/2 | 676.4M |" in out  # the paper's 676M
+    assert "| imagenet-iMF-B2 | iMF-B/2 | 145.6M (88.9M w/o v-head) |" in out  # the paper's 89M without the v-head
+    assert "| mnist-imf | iMF-Micro/8 |" in out
     with pytest.raises(SystemExit) as e:
         flops.main([])
     assert e.value.code == 2
@@ -174,3 +176,129 @@ def test_memory_estimate_orders():
     # activations: 32 images x 28 blocks x 256 tokens x 1152 x 18 values x 2 bytes
     assert plain - checkpointed == pytest.approx(32 * 256 * 1152 * 2 * (28 * 18 - 28 - 18))
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# iMF: the in-context DiT's forward (with and without its v-head) and whole iMF steps
+
+IMF_CASES = {  # (model name, overrides): the paper's XL/2 on meta tensors, odd sizes, no labels, no v-head
+    "XL/2 ImageNet": ("iMF-XL/2", dict(input_size=32, in_channels=4, num_classes=1000)),
+    "Nano/4 odd": ("iMF-Nano/4", dict(input_size=12, in_channels=3, num_classes=7)),
+    "Micro/8 unconditional": ("iMF-Micro/8", dict(input_size=32, in_channels=1, num_classes=0)),
+    "Tiny/2 inference model": ("iMF-Tiny/2", dict(input_size=8, in_channels=2, num_classes=5, aux_head_depth=0)),
+}
+
+
+def imf_config(name, kw):
+    from meanflow.models.config import ModelConfig
+
+    aux = kw.get("aux_head_depth", -1)
+    return ModelConfig(name=name, input_size=kw["input_size"], in_channels=kw["in_channels"],
+                       num_classes=kw["num_classes"], aux_head_depth=aux)
+
+
+@pytest.mark.parametrize("v_head", [False, True], ids=["u", "u and v"])
+@pytest.mark.parametrize("case", list(IMF_CASES))
+def test_imf_forward_matches_flop_counter_layer_by_layer(case, v_head, torch_ops):
+    name, kw = IMF_CASES[case]
+    cfg = imf_config(name, kw)
+    if v_head and kw.get("aux_head_depth") == 0:
+        with pytest.raises(ValueError, match="no v-head"):
+            flops.model_forward_flops(cfg, v_head=True)
+        return
+    with torch.device("meta"):
+        model = create_model(name, **cfg.build_kwargs()).to("meta")
+        model.check_values = False
+        z, t = torch.zeros(1, kw["in_channels"], kw["input_size"], kw["input_size"]), torch.ones(1)
+        y = torch.zeros(1, dtype=torch.long) if kw["num_classes"] else None
+    counted, total = counted_layers(model, z, t, t, y, None, v_head)
+    counted = {k: v for k, v in counted.items() if v}  # norms, RoPE and the label table count nothing
+    ours = flops.model_forward_flops(cfg, v_head=v_head)
+    assert ours.layers == counted
+    assert ours.total == total
+    assert ours.attention == sum(v for k, v in counted.items() if k.endswith("attn.core")) > 0
+    assert any(k.startswith("v_blocks.") for k in ours.layers) == v_head
+
+
+IMF_STEP_CASES = {  # (model overrides, objective overrides)
+    "imf conditional": (dict(num_classes=5), dict(kind="imf", ratio_r_neq_t=0.5, class_drop=0.3)),
+    "imf unconditional": (dict(num_classes=0), dict(kind="imf", ratio_r_neq_t=0.5)),
+    "imf v-head of 2": (dict(num_classes=5, aux_head_depth=2), dict(kind="imf", ratio_r_neq_t=0.75)),
+    "meanflow on an iMF model, guided": (dict(num_classes=5), dict(ratio_r_neq_t=0.75, cfg_w=2.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(IMF_STEP_CASES))
+def test_step_count_matches_a_counted_imf_step(case, torch_ops):
+    """imf_loss (or meanflow_loss) and its backward on a random iMF-Nano/4 (CPU, fp32), every FLOP counted."""
+    from meanflow.config import Config
+    from meanflow.models.config import ModelConfig
+    from tests.meanflow.reference_models import randomize_imf
+
+    model_kw, objective_kw = IMF_STEP_CASES[case]
+    torch.manual_seed(0)
+    B = 6
+    mcfg = ModelConfig(name="iMF-Nano/4", input_size=12, in_channels=3, num_classes=model_kw["num_classes"],
+                       aux_head_depth=model_kw.get("aux_head_depth", -1))
+    model = randomize_imf(create_model(mcfg.name, **mcfg.build_kwargs()), torch.Generator().manual_seed(2))
+    cfg = Config()
+    cfg.model, cfg.objective, cfg.train.global_batch = mcfg, ObjectiveConfig(**objective_kw).validate(), B
+    x = torch.randn(B, 3, 12, 12)
+    y = torch.randint(0, 5, (B,)) if mcfg.num_classes else None
+    rnd = draw(cfg.objective, B, (3, 12, 12), torch.Generator().manual_seed(1))
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        loss, _ = meanflow_loss(model, x, y, rnd, cfg.objective)
+        loss.backward()
+    assert counter.get_total_flops() == pytest.approx(B * flops.config_step_flops(cfg), rel=1e-12)
+
+
+def test_imf_step_formula_terms():
+    """g F_v + (F_v + U) + (2 F_v - E) on round numbers: F_v = 100, U = 70, E = 4."""
+    fwd = flops.ForwardFlops({"all": 100}, attention=10, no_input_grad=4, tangent=70)
+    assert flops.imf_step_flops_per_image(fwd, conditional=True) == 200 + 170 + 196
+    assert flops.imf_step_flops_per_image(fwd, conditional=False) == 100 + 170 + 196
+
+
+def test_unknown_or_mismatched_models_are_refused_not_counted_as_a_dit():
+    from meanflow.models.config import ModelConfig
+
+    for name in ("UViT-B/2", "DiT-Huge/2"):
+        with pytest.raises(ValueError, match=f"no FLOP count for model '{name}'"):
+            flops.model_forward_flops(ModelConfig(name=name))
+    with pytest.raises(ValueError, match="DiT-B/2 has no v-head"):
+        flops.model_forward_flops(ModelConfig(name="DiT-B/2"), v_head=True)
+
+
+def test_imf_memory_estimate():
+    from meanflow.config import PRESETS, Config, apply_overrides
+
+    cfg = apply_overrides(Config(), PRESETS["imagenet-iMF-XL2"]())
+    plain = flops.memory_per_gpu_bytes(cfg)
+    checkpointed = flops.memory_per_gpu_bytes(cfg, activation_checkpointing=True)
+    # activations: 128 images x (48 + 8 v-head) blocks x (256 patches + 20 prefix tokens) x 1024 x 28 values x 4 bytes
+    L, a = 48 + 8, flops.IMF_SAVED_PER_TOKEN_PER_BLOCK
+    assert plain - checkpointed == pytest.approx(128 * 276 * 1024 * 4 * (L * a - L - a))
+    cfg.model.name = "UViT-B/2"  # not a name the estimate knows: refused, not estimated as a DiT
+    with pytest.raises(ValueError, match="model 'UViT-B/2'"):
+        flops.memory_per_gpu_bytes(cfg)
+
+
+def test_imf_saved_activations_per_block_as_the_estimate_says(torch_ops):
+    """IMF_SAVED_PER_TOKEN_PER_BLOCK against what autograd keeps for one random iMF block's backward (fp32, CPU)."""
+    from meanflow.models.imf_layers import ImfBlock, Rope1D
+
+    B, N, D, H = 2, 40, 256, 4
+    block, rope = ImfBlock(D, H), Rope1D(D // H, N)
+    x = torch.randn(B, N, D, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, rope)
+    for p in block.parameters():
+        saved.pop(p.untyped_storage().data_ptr(), None)
+    values = sum(saved.values()) / (B * N * D * 4)  # the block's input included
+    assert values == pytest.approx(flops.IMF_SAVED_PER_TOKEN_PER_BLOCK, abs=0.5)
