@@ -71,14 +71,16 @@ def test_train_on_the_shards_then_decode_and_score(prepared, tmp_path):
     assert summary[-1]["step"] == 4 and np.isfinite(summary[-1]["loss"])
 
     pngs = str(tmp_path / "decoded")
-    run([sys.executable, "-m", "meanflow.sample", "--run", out, "--decode", "--n", "6", "--out", pngs], env)
+    p = run([sys.executable, "-m", "meanflow.sample", "--run", out, "--decode", "--n", "6", "--out", pngs], env)
+    json.loads(p.stdout.strip().splitlines()[-1])  # the public contract: one JSON object, the last line of stdout
     files = sorted(os.listdir(pngs))
     assert len(files) == 6
     with Image.open(os.path.join(pngs, files[0])) as im:
         assert im.size == (SIZE, SIZE) and im.mode == "RGB"  # the VAE's image size, not the latent's
 
-    run([sys.executable, "-m", "meanflow.evaluate", "--run", out, "--ref", images, "--n", "6", "--steps", "1",
-         "--batch", "6"], env)
+    p = run([sys.executable, "-m", "meanflow.evaluate", "--run", out, "--ref", images, "--n", "6", "--steps", "1",
+             "--batch", "6"], env)
     result = json.load(open(os.path.join(out, "eval_step_4.json")))
+    assert json.loads(p.stdout.strip().splitlines()[-1])["fid_1nfe"] == result["fid_1nfe"]
     assert np.isfinite(result["fid_1nfe"]) and result["fid_1nfe"] > 0 and result["n"] == 6
     assert result["reference_count"] == 20  # the broken image is skipped, as prepare skipped it
