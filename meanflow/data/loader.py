@@ -135,6 +135,11 @@ def build_loader(cfg: DataConfig, global_batch: int, rank: int, world_size: int,
         raise DataError(f"global_batch {global_batch} exceeds the {index.num_items} items in {index.root}")
     if index.kind == "latents":
         _check_latents(index, cfg, rank, world_size)
+    elif index.kind == "npy" and cfg.hflip and rank == 0 and cfg.source != "mnist":
+        log.warning("data.hflip on %s flips each array along its width; if they are VAE latents, a flipped latent "
+                    "is not the latent of the flipped image: prepare the images with `python -m meanflow.prepare "
+                    "latents` (it stores the flipped image's latent, which data.hflip then picks) or set "
+                    "--data.hflip=false", index.root)
     backend = "memory" if index.kind == "memory" else _choose_backend(cfg)
     if backend == "memory":
         from .memory_backend import MemoryReader

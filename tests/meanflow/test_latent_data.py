@@ -359,6 +359,20 @@ def test_a_scale_other_than_the_vaes_is_warned_about(tmp_path, rng, caplog):
     assert "data.scale 1 differs from the scale_factor 0.18215" in msg and "manifest.json" in msg
 
 
+def test_hflip_on_per_item_arrays_warns_that_a_flipped_latent_is_not_the_flipped_images(tmp_path, rng, caplog):
+    write_prepared(tmp_path / "p", rng)
+    os.makedirs(tmp_path / "npy" / "a")
+    for i in range(6):
+        np.save(tmp_path / "npy" / "a" / f"{i}.npy", rng.standard_normal((4, 4, 4)).astype(np.float32))
+    with caplog.at_level(logging.WARNING, logger="meanflow.data.loader"):
+        build_loader(latent_cfg(tmp_path / "p", hflip=True), 6, 0, 1, seed=0)  # picks the stored flipped latent
+        build_loader(DataConfig(source="npy", root=str(tmp_path / "npy"), num_workers=0), 6, 0, 1, seed=0)
+        assert not caplog.records
+        build_loader(DataConfig(source="npy", root=str(tmp_path / "npy"), hflip=True, num_workers=0), 6, 0, 1, seed=0)
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "not the latent of the flipped image" in msg and "meanflow.prepare latents" in msg
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The trainer on a prepared folder
 # ----------------------------------------------------------------------------------------------------------------------
