@@ -1,5 +1,5 @@
 """Apply parallelism to a single-device model, in torchtitan's order: activation checkpointing, then compile,
-then FSDP2 (``fully_shard`` per DiT block, then the root).
+then FSDP2 (``fully_shard`` per block, an iMF v-head's too, then the root).
 
 The dual path is a method beside ``forward``; ``register_fsdp_forward_method`` gives it the same all-gather hooks.
 Mixed precision keeps fp32 master weights and fp32 gradient reduction, with bf16 compute on GPU; the dual engine
@@ -25,7 +25,9 @@ def set_tf32(enabled: bool):
 
 
 def blocks_of(model):
-    return list(getattr(model, "blocks", []))
+    """The transformer blocks, each its own FSDP unit and compiled on its own: an iMF model's v-head blocks
+    (``v_blocks``, training only) too, so they are sharded per block rather than left to the root's one unit."""
+    return list(getattr(model, "blocks", [])) + list(getattr(model, "v_blocks", []))
 
 
 def apply_activation_checkpointing(model):

@@ -38,6 +38,7 @@ from meanflow.trainer.run_lock import RunLock
 from meanflow.trainer.summary import format_summary, run_summary
 
 log = logging.getLogger("meanflow.train")
+LOGGED_STATS = ("mse_v",)  # objective stats logged beside mse when present (objective_imf: the v-head's term)
 
 
 @dataclass
@@ -176,11 +177,11 @@ class Trainer:
         saved_at, saved = self.resumed_at, None  # a finished run restarted has nothing new to save
         with metrics:
             for x, y in self.batches(metrics):
-                finite, loss, mse, grad_norm = self.train_step(x, y)
+                finite, loss, mse, grad_norm, extra = self.train_step(x, y)
                 self.step += 1
                 self._count_bad_steps(finite, loss, grad_norm, x)
                 lr = lr_at(cfg.optim, self.step - 1, cfg.train.steps)
-                logged = metrics.step_done(self.step, loss, mse, grad_norm, lr, self.skipped_steps)
+                logged = metrics.step_done(self.step, loss, mse, grad_norm, lr, self.skipped_steps, extra)
                 if logged and metrics.lines == 2 and d.is_main:  # the first line's step time includes start-up
                     checkpointing.warn_about_cadence(cfg.checkpoint, metrics.last_step_time_s, log)
                 self.pictures.at_step(self.ema.module, self.step)
@@ -258,8 +259,9 @@ class Trainer:
         return items[(flags > 0).cpu().numpy()]
 
     def train_step(self, x, y):
-        """One optimizer step on this rank's rows of the global batch; returns (finite, loss, mse, grad norm), the
-        last three averaged over ranks. A non-finite step changes no weights."""
+        """One optimizer step on this rank's rows of the global batch; returns (finite, loss, mse, grad norm, extra),
+        averaged over ranks, extra holding the iMF v-head's mse_v when the objective reports it ({} otherwise). A
+        non-finite step changes no weights."""
         cfg, d = self.cfg, self.d
         G, lb = cfg.train.global_batch, cfg.train.global_batch // d.world_size
         gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.step))
@@ -271,13 +273,14 @@ class Trainer:
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)).float()
         loss_mean = d.all_reduce_mean(loss.detach().float())
         mse = d.all_reduce_mean(stats["mse"].float())
+        extra = {key: d.all_reduce_mean(stats[key].float()) for key in LOGGED_STATS if key in stats}
         finite = bool(torch.isfinite(loss_mean)) and bool(torch.isfinite(grad_norm))
         if finite:
             set_lr(self.optimizer, lr_at(cfg.optim, self.step, cfg.train.steps))
             self.optimizer.step()
             self.ema.update(self.model, self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        return finite, loss_mean.item(), mse.item(), grad_norm.item()
+        return finite, loss_mean.item(), mse.item(), grad_norm.item(), {k: v.item() for k, v in extra.items()}
 
     # ------------------------------------------------------------------------------------------------------------------
     # the end

@@ -2,12 +2,12 @@
 progress bar (rank 0 only), with the step timing they share. The pictures (samples/step_<step>.png every
 log.sample_every steps, loss.png) are meanflow.trainer.pictures'.
 
-Each metrics.jsonl line: step, loss, mse, grad_norm, lr, img_per_s (images per second over all ranks) and
-step_time_s (over the steps since the last line), tflops_per_device (model TFLOP/s of one device: the step's FLOPs
-per image, meanflow.flops, times img_per_s over the world size), mfu (that over the device's peak rate in the
-compute dtype; null where there is no peak: on a CPU, or a GPU neither in meanflow.flops.PEAKS nor given by
-log.peak_tflops), data_wait_frac (share of the time spent waiting for batches), peak_mem_mib, skipped_steps
-(non-finite steps so far).
+Each metrics.jsonl line: step, loss, mse, mse_v (objective.kind "imf" only: the v-head's term; the progress bar
+shows it too), grad_norm, lr, img_per_s (images per second over all ranks) and step_time_s (over the steps since the
+last line), tflops_per_device (model TFLOP/s of one device: the step's FLOPs per image, meanflow.flops, times
+img_per_s over the world size), mfu (that over the device's peak rate in the compute dtype; null where there is no
+peak: on a CPU, or a GPU neither in meanflow.flops.PEAKS nor given by log.peak_tflops), data_wait_frac (share of the
+time spent waiting for batches), peak_mem_mib, skipped_steps (non-finite steps so far).
 """
 
 import json
@@ -109,20 +109,22 @@ class MetricsLog:
         """Time spent waiting for a batch (reported as data_wait_frac)."""
         self.wait += seconds
 
-    def step_done(self, step, loss, mse, grad_norm, lr, skipped) -> bool:
-        """Count a step; True when it wrote a metrics line."""
+    def step_done(self, step, loss, mse, grad_norm, lr, skipped, extra=None) -> bool:
+        """Count a step; True when it wrote a metrics line. extra: more of the objective's stats ({name: float},
+        e.g. iMF's mse_v), written after mse and shown on the progress bar."""
         self.steps += 1
         line = step % self.cfg.every == 0 or step == self.total
         if line:
-            self._write(step, loss, mse, grad_norm, lr, skipped)
+            self._write(step, loss, mse, grad_norm, lr, skipped, extra or {})
         if self.bar is not None:
             self.bar.update(1)
         return line
 
-    def _write(self, step, loss, mse, grad_norm, lr, skipped):
+    def _write(self, step, loss, mse, grad_norm, lr, skipped, extra):
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         img_per_s = self.steps * self.global_batch / elapsed
-        row = {"step": step, "loss": loss, "mse": mse, "grad_norm": grad_norm, "lr": lr, "img_per_s": img_per_s,
+        row = {"step": step, "loss": loss, "mse": mse, **extra, "grad_norm": grad_norm, "lr": lr,
+               "img_per_s": img_per_s,
                "step_time_s": elapsed / max(self.steps, 1),
                "tflops_per_device": self.step_flops * img_per_s / self.world_size / 1e12,
                "mfu": mfu(self.step_flops, img_per_s, self.world_size, self.peak_flops),
@@ -140,5 +142,6 @@ class MetricsLog:
                     self.board.add_scalar(f"train/{key}", value, step)
         if self.bar is not None:
             speed = {"mfu": f"{row['mfu']:.1%}"} if row["mfu"] is not None else {}
-            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['img_per_s']:.0f}",
+            self.bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in extra.items()},
+                                 img_s=f"{row['img_per_s']:.0f}",
                                  step_s=f"{row['step_time_s']:.3f}", **speed, refresh=False)
