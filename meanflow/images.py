@@ -4,7 +4,8 @@ needs).
 A grid of B images (H, W) in `rows` rows has cols = ceil(B / rows) columns and measures
 (rows (H + pad) + pad) x (cols (W + pad) + pad) pixels, black between the images. panels() puts grids of the same
 shape side by side, GAP white pixels apart, each under a CAPTION_H-pixel strip holding its caption in a built-in
-5x7 pixel font (digits, space, '-' and the capitals of NFESTP: enough for "1-NFE" and "STEP 250", no font files).
+5x7 pixel font (digits, space, '-' and the capitals of NFESTPOMGA: enough for "1-NFE", "STEP 250" and "OMEGA 4",
+no font files).
 """
 
 import os
@@ -51,6 +52,10 @@ _GLYPHS = {  # 5x7, one string per row, "#" lit
     "S": (".####", "#....", "#....", ".###.", "....#", "....#", "####."),
     "T": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."),
     "P": ("####.", "#...#", "#...#", "####.", "#....", "#....", "#...."),
+    "O": (".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "M": ("#...#", "##.##", "#.#.#", "#.#.#", "#...#", "#...#", "#...#"),
+    "G": (".###.", "#...#", "#....", "#.###", "#...#", "#...#", ".####"),
+    "A": (".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
     "-": (".....", ".....", ".....", ".###.", ".....", ".....", "....."),
     " ": (".....",) * 7,
 }
