@@ -29,6 +29,7 @@ setup(
             "meanflow-experiments=meanflow.experiments:main",
             "meanflow-plots=meanflow.plots:main",
             "meanflow-prepare=meanflow.prepare:main",
+            "meanflow-flops=meanflow.flops:main",
         ]
     },
 )

@@ -459,10 +459,11 @@ def main(argv=None) -> int:
     parser.add_argument("--peaks", action="store_true", help="the peak-rate table MFU uses (markdown)")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs the memory estimate shards over (default 8)")
     args = parser.parse_args(argv)
-    if args.gpus <= 0:
-        parser.error(f"--gpus: must be > 0, got {args.gpus}")
-    if not (args.table or args.peaks):
-        parser.error("nothing to print: give --table and/or --peaks")
+    problem = (f"--gpus: must be > 0, got {args.gpus}" if args.gpus <= 0 else
+               None if args.table or args.peaks else "nothing to print: give --table and/or --peaks")
+    if problem:
+        print(f"meanflow.flops: error: {problem}", file=sys.stderr)
+        return 2
     if args.table:
         print(preset_table(args.gpus))
     if args.peaks:

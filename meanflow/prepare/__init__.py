@@ -18,7 +18,8 @@ def main(argv=None) -> int:
         print(__doc__.strip())
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
-        print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"meanflow.prepare: error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}",
+              file=sys.stderr)
         return 2
     import importlib
 

@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except (PrepareError, VAEError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"meanflow.prepare: error: {e}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

@@ -80,7 +80,10 @@ def main(argv):
 
     train = importlib.import_module("meanflow.train")
     code = train.main(argv)
-    print(PREFIX + json.dumps(report), flush=True)
+    # one write of the whole line: with PYTHONUNBUFFERED, print() writes the text and the newline separately, and two
+    # ranks sharing the pipe then interleaved as '{...}{...}\n\n' (seen under load)
+    sys.stdout.write(PREFIX + json.dumps(report) + "\n")
+    sys.stdout.flush()
     return code
 
 

@@ -221,7 +221,7 @@ def test_bad_input_is_named(case, data, tmp_path, capsys, monkeypatch):
         args["--out"] = os.path.join(images, "latents")
     assert main([x for kv in args.items() for x in kv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and named in err, err
+    assert err.startswith("meanflow.prepare: error: ") and named in err, err
     assert not os.path.exists(os.path.join(images, "latents")) and not (tmp_path / "out" / "manifest.json").exists()
 
 
