@@ -134,8 +134,13 @@ def _floats(text, name):
     return values
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every meanflow command, instead of usage + message
+        raise ConfigError(message)
+
+
 def _parser():
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    p = _Parser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
     p.add_argument("command", choices=("cost", "sweep", "grid"))
     p.add_argument("--presets", default="mnist-demo,mnist-imf", help="cost: the presets, comma-separated")
     p.add_argument("--warmup", type=int, default=5, help="cost: untimed steps per preset")
@@ -152,8 +157,8 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    a = _parser().parse_args(argv)
     try:
+        a = _parser().parse_args(argv)
         if a.command == "cost":
             presets = a.presets.split(",")
             costs = step_costs(presets, a.warmup, a.steps, a.rounds)

@@ -66,3 +66,12 @@ def test_sweep_evaluates_one_omega_at_a_time(monkeypatch):
     rows = imf_compare.omega_sweep("RUN", [1.0, 2.0], interval=(0.0, 1.0), n=30)
     assert seen == [("RUN", (1,), 30, False, 1.0, (0.0, 1.0)), ("RUN", (1,), 30, False, 2.0, (0.0, 1.0))]
     assert [r["fid_1nfe"] for r in rows] == [10.0, 20.0] and rows[0]["omega"] == 1.0
+
+
+def test_bad_arguments_are_one_line_and_exit_2(capsys):
+    for argv, words in ((["bogus"], "invalid choice"), (["grid"], "--run is required"),
+                        (["sweep", "--run", "R", "--omega", "0.5"], "omega"), (["grid", "--run", "R", "--omega", "a"],
+                                                                                "--omega")):
+        assert imf_compare.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{imf_compare.PROG}: error:") and words in err and err.count("\n") == 1
