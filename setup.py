@@ -30,6 +30,7 @@ setup(
             "meanflow-plots=meanflow.plots:main",
             "meanflow-prepare=meanflow.prepare:main",
             "meanflow-flops=meanflow.flops:main",
+            "meanflow-imf_compare=meanflow.imf_compare:main",
         ]
     },
 )

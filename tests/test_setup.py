@@ -20,15 +20,21 @@ BAD_ARGS = {
     "launch": ["--nproc_per_node=2", "-m", "meanflow.train", "--no_such_key=1"],
     "experiments": ["ablations", "--n", "1"],
     "plots": ["--run", "{missing}"],
+    "flops": ["--gpus", "0", "--table"],
+    "prepare": ["latents", "--images", "{missing}", "--out", "{missing}-out", "--vae", "{missing}"],
+    "imf_compare": ["sweep", "--run", "{missing}"],
 }
 
 
 def cli_modules():
+    """meanflow.<name> runnable with python -m: a module with a __main__ guard, or a package with __main__.py."""
     names = []
     for path in sorted(glob.glob(os.path.join(REPO, "meanflow", "*.py"))):
         with open(path) as f:
             if 'if __name__ == "__main__":' in f.read():
                 names.append(os.path.basename(path)[:-3])
+    packages = glob.glob(os.path.join(REPO, "meanflow", "*", "__main__.py"))
+    names += [os.path.basename(os.path.dirname(p)) for p in packages]
     return names
 
 
