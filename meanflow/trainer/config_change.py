@@ -19,7 +19,8 @@ from meanflow.errors import ConfigError
 
 log = logging.getLogger("meanflow.train")
 
-APPLIED = {"optim.warmup_steps", "optim.schedule", "optim.final_lr_ratio", "optim.grad_clip", "optim.impl", "optim.ema_decay", "optim.ema_warmup",
+APPLIED = {"optim.warmup_steps", "optim.schedule", "optim.final_lr_ratio", "optim.grad_clip", "optim.impl",
+           "optim.ema_decay", "optim.ema_warmup",
            "train.steps", "train.precision", "train.tangent_precision", "train.tf32", "train.compile",
            "train.activation_checkpointing", "train.out", "train.samples_at_end", "train.max_bad_steps",
            "data.num_workers", "data.loader", "data.verify",
