@@ -23,8 +23,10 @@ from meanflow.models.layers import (
     Mlp,
     TimestepEmbedder,
     linear_dual,
+    merge_heads,
     no_autocast,
     silu_dual,
+    split_heads,
     tangent_dtype,
 )
 from meanflow.models.prediction import PREDICTIONS, velocity_from_image, velocity_from_image_tangent
@@ -42,26 +44,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def _split_heads(self, qkv):
-        B, N, C3 = qkv.shape
-        qkv = qkv.view(B, N, 3, self.num_heads, C3 // (3 * self.num_heads)).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)  # 3 x (B, H, N, Dh)
-
-    @staticmethod
-    def _merge_heads(o):
-        B, H, N, Dh = o.shape
-        return o.transpose(1, 2).reshape(B, N, H * Dh)  # (B, N, C)
-
     def forward(self, x):
-        q, k, v = self._split_heads(self.qkv(x))
-        return self.proj(self._merge_heads(mfkernels.attention(q, k, v)))
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        return self.proj(merge_heads(mfkernels.attention(q, k, v)))
 
     def dual(self, x, dx):
         qkv, dqkv = linear_dual(self.qkv, x, dx)
-        q, k, v = self._split_heads(qkv)
-        dq, dk, dv = self._split_heads(dqkv)
+        q, k, v = split_heads(qkv, self.num_heads)
+        dq, dk, dv = split_heads(dqkv, self.num_heads)
         o, do = mfkernels.attention_jvp(q, k, v, dq, dk, dv)
-        return linear_dual(self.proj, self._merge_heads(o), self._merge_heads(do))
+        return linear_dual(self.proj, merge_heads(o), merge_heads(do))
 
 
 class DiTBlock(nn.Module):

@@ -21,7 +21,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mfkernels
-from meanflow.models.layers import LabelEmbedder, TimestepEmbedder, linear_dual, no_autocast, silu_dual
+from meanflow.models.layers import (
+    LabelEmbedder,
+    TimestepEmbedder,
+    linear_dual,
+    merge_heads,
+    no_autocast,
+    silu_dual,
+    split_heads,
+)
 
 
 def _compute_dtype(dtype):
@@ -102,28 +110,18 @@ class RopeAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def _split_heads(self, qkv):
-        B, N, C3 = qkv.shape
-        qkv = qkv.view(B, N, 3, self.num_heads, C3 // (3 * self.num_heads)).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)  # 3 x (B, H, N, Dh)
-
-    @staticmethod
-    def _merge_heads(o):
-        B, H, N, Dh = o.shape
-        return o.transpose(1, 2).reshape(B, N, H * Dh)  # (B, N, C)
-
     def forward(self, x, rope):
-        q, k, v = self._split_heads(self.qkv(x))
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
         q, k = rope(self.q_norm(q)), rope(self.k_norm(k))
-        return self.proj(self._merge_heads(mfkernels.attention(q, k, v)))
+        return self.proj(merge_heads(mfkernels.attention(q, k, v)))
 
     def dual(self, x, dx, rope):
         qkv, dqkv = linear_dual(self.qkv, x, dx)
-        (q, k, v), (dq, dk, dv) = self._split_heads(qkv), self._split_heads(dqkv)
+        (q, k, v), (dq, dk, dv) = split_heads(qkv, self.num_heads), split_heads(dqkv, self.num_heads)
         q, dq = rope.dual(*self.q_norm.dual(q, dq))
         k, dk = rope.dual(*self.k_norm.dual(k, dk))
         o, do = mfkernels.attention_jvp(q, k, v, dq, dk, dv)
-        return linear_dual(self.proj, self._merge_heads(o), self._merge_heads(do))
+        return linear_dual(self.proj, merge_heads(o), merge_heads(do))
 
 
 class SwiGLU(nn.Module):

@@ -9,7 +9,7 @@ import torch
 
 
 def check_model_inputs(z, r, t, y, *, sample_shape, num_classes, check_values=True, **tangents):
-    """Validate a call ``model(z, r, t, y)`` (and tangents named like ``v=...``) or raise ValueError naming the argument.
+    """Validate a call ``model(z, r, t, y)`` (and tangents named like ``v=...``); raise ValueError naming the argument.
 
     sample_shape: the shape of one sample, e.g. (C, H, W) or (D,). num_classes: 0 for an unconditional model; labels
     may be 0 ... num_classes, the last being the null class.

@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 TANGENT_PRECISIONS = ("fp32", "primal")
 
 
@@ -62,6 +61,19 @@ def linear_dual(layer: nn.Linear, x, dx):
     with torch.no_grad(), no_autocast(dx):
         dy = F.linear(dx, layer.weight.to(dx.dtype))  # the bias is constant: no tangent
     return y, dy
+
+
+def split_heads(qkv, num_heads: int):
+    """(B, N, 3 C) fused q|k|v -> q, k, v each (B, H, N, C / H), the layout mfkernels.attention takes."""
+    B, N, C3 = qkv.shape
+    qkv = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+    return qkv.unbind(0)
+
+
+def merge_heads(o):
+    """(B, H, N, Dh) -> (B, N, H Dh)."""
+    B, H, N, Dh = o.shape
+    return o.transpose(1, 2).reshape(B, N, H * Dh)
 
 
 def silu_dual(x, dx):
