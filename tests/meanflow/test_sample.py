@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+import meanflow.sample as sample_cli
 from meanflow.checkpoint import save_checkpoint
 from meanflow.config import resolve_config
 from meanflow.distributed import Dist
 from meanflow.images import save_samples
-import meanflow.sample as sample_cli
 from meanflow.models import create_model
 from tests.meanflow.cli import cli_env, run
 

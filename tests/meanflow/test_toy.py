@@ -12,8 +12,7 @@ import torch
 
 import meanflow.data as md
 from meanflow.config import ConfigError
-from meanflow.data import DataConfig, DataError, build_loader
-from meanflow.data import toy
+from meanflow.data import DataConfig, DataError, build_loader, toy
 from meanflow.data.toy import TOYS, toy_points
 from meanflow.toy_eval import evaluate_toy
 from tests.meanflow.cli import cli_env, run
