@@ -16,6 +16,7 @@ pytest.importorskip("diffusers")
 from meanflow.data import DataConfig, build_loader  # noqa: E402
 from meanflow.data.dali_backend import dali_available  # noqa: E402
 from tests.meanflow.cli import cli_env, run  # noqa: E402
+from tests.meanflow.test_prepare import write_image_folder  # noqa: E402
 from tests.meanflow.test_vae import save_tiny_vae  # noqa: E402
 
 SIZE = 16  # images; the 2-block VAE halves them: (4, 8, 8) latents, 16 tokens of a patch-2 DiT
@@ -26,12 +27,7 @@ SCALE = 0.5
 def prepared(tmp_path_factory):
     """(images folder, VAE folder, prepared folder, env): 10 random PNGs in each of 2 classes plus one broken one."""
     base = tmp_path_factory.mktemp("e2e")
-    rng = np.random.default_rng(0)
-    for c in ("class_a", "class_b"):
-        os.makedirs(base / "images" / c)
-        for i in range(10):
-            h, w = rng.integers(SIZE, 3 * SIZE, 2)
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(base / "images" / c / f"{i}.png")
+    write_image_folder(base / "images", ("class_a", "class_b"), 10, SIZE, 3 * SIZE)
     (base / "images" / "class_b" / "broken.png").write_bytes(b"not an image")
     vae = save_tiny_vae(base / "vae")
     env = cli_env(base / "cache")

@@ -26,18 +26,22 @@ SIZE, SHARD = 16, 4
 BAD = os.path.join("a_cat", "05_broken.png")
 
 
+def write_image_folder(folder, classes, per_class, smallest, largest, seed=0):
+    """`per_class` PNGs of random pixels in folder/<class>/, each side drawn from [smallest, largest)."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        os.makedirs(folder / c)
+        for i in range(per_class):
+            h, w = rng.integers(smallest, largest, 2)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / c / f"{i:02d}.png")
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """(images folder, vae folder): 10 PNGs of random sizes per class (some large enough for ADM's BOX halving),
     plus a text file named like a PNG in the first class."""
     root = tmp_path_factory.mktemp("prepare")
-    rng = np.random.default_rng(0)
-    for c in ("a_cat", "b_dog"):
-        os.makedirs(root / "images" / c)
-        for i in range(10):
-            h, w = rng.integers(SIZE, 5 * SIZE, 2)
-            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "images" / c / f"{i:02d}.png")
+    write_image_folder(root / "images", ("a_cat", "b_dog"), 10, SIZE, 5 * SIZE)
     (root / "images" / BAD).write_bytes(b"this is not a PNG")
     return str(root / "images"), save_tiny_vae(root / "vae")
 
