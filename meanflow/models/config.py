@@ -14,7 +14,8 @@ class ModelConfig:
     in_channels: int = 4  # channels of the input; for MLP, the vector dimension
     num_classes: int = 1000  # class-conditional with this many classes (+ a null class); 0: unconditional
     time_scale: float = 1.0  # times are embedded as t * time_scale (DiT used 1000; 1 trains stably here)
-    prediction: str = "u"  # the output: "u" (the paper's) or "x", a clean image with u = (z - D) / max(t, 0.05)
+    prediction: str = "u"  # the output: "u" (the paper's); "x", a clean image D with u = (z - D) / max(t, 0.05);
+    # "x_tanh", the same with D = tanh(output), for pixels in [-1, 1] (meanflow.models.prediction)
     head: str = "linear"  # DiT output: "linear" (DiT's, patch by patch) or "conv" (+ a residual 3x3 conv pair)
     aux_head_depth: int = -1  # iMF models: blocks of the v-head (-1: the size's, 8 for the paper sizes; 0: none)
 

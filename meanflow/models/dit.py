@@ -29,7 +29,7 @@ from meanflow.models.layers import (
     split_heads,
     tangent_dtype,
 )
-from meanflow.models.prediction import PREDICTIONS, velocity_from_image, velocity_from_image_tangent
+from meanflow.models.prediction import PREDICTIONS, velocity_from_output, velocity_from_output_tangent
 
 # ----------------------------------------------------------------------------------------------------------------------
 # blocks
@@ -268,7 +268,7 @@ class DiT(nn.Module):
         out = self._unpatchify(self.final_layer(x, c))  # (B, C, H, W)
         if self.conv_head is not None:
             out = self.conv_head(out)
-        return out if self.prediction == "u" else velocity_from_image(z, t, out)
+        return velocity_from_output(z, t, out, self.prediction)
 
     def dual(self, z, r, t, y, dz, dr, dt):
         """(u, du): u as in forward (with its graph), du = J u . (dz, dr, dt) with no graph.
@@ -294,6 +294,5 @@ class DiT(nn.Module):
         out, dout = self._unpatchify(out), self._unpatchify(dout)  # (B, C, H, W) each
         if self.conv_head is not None:
             out, dout = self.conv_head.dual(out, dout)
-        if self.prediction == "u":
-            return out, dout
-        return velocity_from_image(z, t, out), velocity_from_image_tangent(z, t, out, dz, dt, dout)
+        u = velocity_from_output(z, t, out, self.prediction)
+        return u, velocity_from_output_tangent(z, t, out, dz, dt, dout, self.prediction)

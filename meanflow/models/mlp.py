@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from meanflow.models.inputs import check_model_inputs
 from meanflow.models.layers import LabelEmbedder, TimestepEmbedder, linear_dual, silu_dual, tangent_dtype
-from meanflow.models.prediction import PREDICTIONS, velocity_from_image, velocity_from_image_tangent
+from meanflow.models.prediction import PREDICTIONS, velocity_from_output, velocity_from_output_tangent
 
 
 class ResidualBlock(nn.Module):
@@ -67,7 +67,7 @@ class MLP(nn.Module):
         for block in self.blocks:
             h = block(h)
         out = self.out_proj(nn.functional.silu(h))  # (B, D)
-        return out if self.prediction == "u" else velocity_from_image(z, t, out)
+        return velocity_from_output(z, t, out, self.prediction)
 
     def dual(self, z, r, t, y, dz, dr, dt):
         check_model_inputs(z, r, t, y, sample_shape=self.sample_shape, num_classes=self.num_classes,
@@ -83,6 +83,5 @@ class MLP(nn.Module):
         for block in self.blocks:
             h, dh = block.dual(h, dh)
         out, dout = linear_dual(self.out_proj, *silu_dual(h, dh))
-        if self.prediction == "u":
-            return out, dout
-        return velocity_from_image(z, t, out), velocity_from_image_tangent(z, t, out, dz, dt, dout)
+        u = velocity_from_output(z, t, out, self.prediction)
+        return u, velocity_from_output_tangent(z, t, out, dz, dt, dout, self.prediction)

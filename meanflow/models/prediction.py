@@ -1,7 +1,8 @@
 """What a network's output means: the average velocity itself, or a clean image the velocity is read from.
 
     "u" (MeanFlow's):  u(z, r, t) = net(z, r, t)
-    "x":               u(z, r, t) = (z - D(z, r, t)) / tau,   D = net(z, r, t),   tau = max(t, T_MIN)
+    "x":               u(z, r, t) = (z - D(z, r, t)) / tau,   D = net(z, r, t),         tau = max(t, T_MIN)
+    "x_tanh":          u(z, r, t) = (z - D(z, r, t)) / tau,   D = tanh(net(z, r, t))
 
 Why "x": a one-step sample is x = z - u(z, 0, 1), so a network that outputs u must carry the noise z through every
 block to cancel it, and what a small network fails to carry stays in the sample as speckle. On a straight path
@@ -10,18 +11,45 @@ every (r, t); for data with many modes D is an average of clean images, smooth w
 around the network instead of through it. Below T_MIN the division is clipped: u stays finite at t -> 0, and there
 the network can still represent any u (D = z - tau u).
 
+Why "x_tanh", for pixels in [-1, 1]: the one-step sample is D(z, 0, 1) itself, and a small network's D wobbles
+around the flat black background of a digit by a few grey levels, which no reader sees and Inception does (FID).
+The tanh keeps D inside the pixel range and flattens it near the ends: a background the network puts anywhere past
+net = -3.3 is black to the last 8-bit level. Both ends of the path stay reachable: D(z, t, t) = E[x | z_t] and
+D(z, 0, t) (the flow's endpoint) are clean images or averages of them, inside the range; only the extrapolation
+D(z, r, t) = (t z_r - r z_t) / (t - r) at 0 < r < t is not bounded in general, and there the tanh saturates.
+Not for latents: they are not bounded by 1.
+
 Dual (tangents dz, dt; dD from the network's own dual):
-    du = (dz - dD - u dtau) / tau,   dtau = dt where t > T_MIN, else 0
+    du = (dz - dD - u dtau) / tau,   dtau = dt where t > T_MIN, else 0,   dD = (1 - D^2) dnet for "x_tanh"
 """
 
 import torch
 
-PREDICTIONS = ("u", "x")
+PREDICTIONS = ("u", "x", "x_tanh")
 T_MIN = 0.05
 
 
 def _tau(t, like):
     return t.clamp_min(T_MIN).view(-1, *([1] * (like.dim() - 1)))  # (B, 1, ...)
+
+
+def velocity_from_output(z, t, out, prediction):
+    """u from the network's output `out` under `prediction` (one of PREDICTIONS); with its graph."""
+    if prediction == "u":
+        return out
+    image = torch.tanh(out) if prediction == "x_tanh" else out
+    return velocity_from_image(z, t, image)
+
+
+@torch.no_grad()
+def velocity_from_output_tangent(z, t, out, dz, dt, dout, prediction):
+    """du for velocity_from_output, given the tangents dz, dt and dout; in dout's dtype, no graph."""
+    if prediction == "u":
+        return dout
+    if prediction == "x_tanh":
+        image = torch.tanh(out)
+        return velocity_from_image_tangent(z, t, image, dz, dt, (1 - image.to(dout.dtype).square()) * dout)
+    return velocity_from_image_tangent(z, t, out, dz, dt, dout)
 
 
 def velocity_from_image(z, t, image):

@@ -8,7 +8,7 @@ from meanflow.jvp import u_and_dudt
 from meanflow.objective import adaptive_loss, meanflow_target
 from tests.meanflow.reference_models import random_inputs, small_model
 
-KINDS = ["dit", "dit_uncond", "mlp", "dit_x", "mlp_x", "dit_conv"]
+KINDS = ["dit", "dit_uncond", "mlp", "dit_x", "mlp_x", "dit_conv", "dit_x_tanh", "mlp_x_tanh"]
 
 
 def rel_err(a, b):
@@ -121,7 +121,7 @@ def test_activation_checkpointing_changes_nothing(seed):
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(g0, g1))
 
 
-@pytest.mark.parametrize("kind", ["dit_x", "mlp_x"])
+@pytest.mark.parametrize("kind", ["dit_x", "mlp_x", "dit_x_tanh"])
 def test_dual_matches_func_where_the_image_division_is_clipped(kind, seed):
     """Rows with t below T_MIN divide by the constant T_MIN: their d tau is 0 in both engines."""
     from meanflow.models.prediction import T_MIN

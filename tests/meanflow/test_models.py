@@ -102,7 +102,8 @@ def test_sincos_pos_embed_2d_is_mae_dit_order(dim, grid):
 @pytest.mark.parametrize("name, kw", [("DiT-Nano/2", dict(input_size=6, in_channels=3, num_classes=4)),
                                       ("MLP", dict(dim=5, num_classes=3))])
 def test_x_prediction_reads_u_from_the_image_the_network_outputs(name, kw, seed):
-    """prediction="x": u = (z - D) / max(t, T_MIN), D being what the same weights output under prediction="u"."""
+    """prediction="x": u = (z - D) / max(t, T_MIN), D being what the same weights output under prediction="u";
+    "x_tanh": the same with D = tanh(output)."""
     from meanflow.models.prediction import T_MIN
     from tests.meanflow.reference_models import randomize
 
@@ -117,3 +118,7 @@ def test_x_prediction_reads_u_from_the_image_the_network_outputs(name, kw, seed)
     assert torch.allclose(as_x(z, r, t, y), (z - image) / tau, rtol=1e-13, atol=0)
     with pytest.raises(ValueError, match="prediction"):
         create_model(name, prediction="eps", **kw)
+    as_tanh = create_model(name, prediction="x_tanh", **kw).double()
+    as_tanh.load_state_dict(as_u.state_dict())
+    assert image.abs().max() > 1.5  # outputs past the pixel range, which the tanh must bring inside
+    assert torch.allclose(as_tanh(z, r, t, y), (z - torch.tanh(image)) / tau, rtol=1e-13, atol=0)
