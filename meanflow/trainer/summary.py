@@ -40,6 +40,7 @@ def run_summary(trainer) -> dict:
     return {
         "device": f"{d.world_size} x {device}" if d.initialized else device,
         "world_size": d.world_size,
+        "cpu_threads": torch.get_num_threads(),  # per process: torchrun sets 1 (OMP_NUM_THREADS), one process all cores
         "precision": {"params": "float32", "compute": dtype,
                       "tangent": "float32" if cfg.train.tangent_precision == "fp32" or dtype == "float32" else dtype,
                       "reduce": "float32", "tf32": cfg.train.tf32},
@@ -60,7 +61,8 @@ def format_summary(s: dict) -> str:
     p, data = s["precision"], s["data"]
     kernels = ", ".join(f"{op} {impl}" for op, impl in s["kernels"].items())
     return "\n".join([
-        f"run: {s['device']}, world size {s['world_size']}; {s['parameters'] / 1e6:.2f}M parameters; "
+        f"run: {s['device']}, world size {s['world_size']}, {s['cpu_threads']} CPU thread(s) per process; "
+        f"{s['parameters'] / 1e6:.2f}M parameters; "
         f"{s['step_flops_per_image'] / 1e9:.4g} GFLOP per image per step ({s['forward_flops_per_image'] / 1e9:.4g} "
         "forward)",
         f"precision: params {p['params']}, compute {p['compute']}, tangent {p['tangent']}, reduce {p['reduce']}, "

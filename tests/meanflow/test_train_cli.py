@@ -63,6 +63,7 @@ def test_run_summary_printed_at_start_and_stored(env, tmp_path):
              "--train.samples_at_end=0"], env)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["device"] == "cpu" and summary["resume_step"] is None
+    assert summary["cpu_threads"] == int(env["OMP_NUM_THREADS"]) == 1  # cli_env: one thread
     assert summary["precision"] == {"params": "float32", "compute": "float32", "tangent": "float32",
                                     "reduce": "float32", "tf32": True}
     assert summary["parameters"] == 207936  # DiT-Nano/8 at 32x32x1, 10 classes
