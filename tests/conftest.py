@@ -72,3 +72,15 @@ def seed():
     print(f"seed={s}")
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group (fully_shard needs one), torn down after the test."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -52,6 +52,7 @@ class TrainConfig:
     tf32: bool = True  # fp32 matmuls and convolutions on CUDA in TF32 (torch and the attention kernel)
     compile: bool = False  # torch.compile each DiT block's forward and dual path
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
+    reshard_after_forward: bool = True  # FSDP2: free gathered weights after each forward (false: keep to backward)
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     samples_at_end: int = 10  # samples per class in samples.png (1-NFE beside 2-NFE) written at the end (0: none)
     allow_config_change: bool = False  # resume even if train.global_batch/seed, objective.* or data.* changed
@@ -131,7 +132,8 @@ class Trainer:
         self.dtype = precision_dtype(cfg.train.precision, d.device)
         set_tf32(cfg.train.tf32)
         self.model = parallelize(model, distributed=d.initialized, compute_dtype=self.dtype,
-                                 compile=cfg.train.compile, activation_checkpointing=cfg.train.activation_checkpointing)
+                                 compile=cfg.train.compile, activation_checkpointing=cfg.train.activation_checkpointing,
+                                 reshard_after_forward=cfg.train.reshard_after_forward)
         parallelize(self.ema.module, distributed=d.initialized, compute_dtype=torch.float32)
         self.optimizer = build_optimizer(self.model, cfg.optim, d.device)
         # without FSDP, bf16 comes from autocast; with FSDP, from its mixed-precision policy

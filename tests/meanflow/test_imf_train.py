@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from meanflow.models import create_model
 from meanflow.parallel import parallelize
@@ -26,16 +25,6 @@ STEPS, REL = 3, 1e-5
 IMF_RUN = ["--config", "mnist-imf", "--model.name=iMF-Nano/8", f"--train.steps={STEPS}", "--train.global_batch=8",
            "--train.samples_at_end=0", "--log.sample_every=0", "--log.every=1", "--log.progress=false",
            f"--checkpoint.every={STEPS}", "--checkpoint.keep_last=0"]
-
-
-@pytest.fixture
-def process_group(tmp_path):
-    """A one-process gloo group (fully_shard needs one), torn down after the test."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_fsdp_shards_the_v_head_per_block(process_group):
