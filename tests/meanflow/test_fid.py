@@ -170,6 +170,16 @@ def test_preprocess_rejects_bad_images():
         preprocess(torch.full((1, 1, 8, 8), float("nan")))
 
 
+def test_the_extractors_default_batch_follows_the_device():
+    from meanflow.fid import DEFAULT_BATCH
+
+    assert InceptionFeatures().batch_size == DEFAULT_BATCH["cpu"] == 8  # small batches stay in the CPU's cache
+    assert InceptionFeatures(device="cuda").batch_size == DEFAULT_BATCH["cuda"] == 50  # no GPU needed to construct
+    assert InceptionFeatures(batch_size=3).batch_size == 3
+    with pytest.raises(ValueError, match="batch_size"):
+        InceptionFeatures(batch_size=0)
+
+
 def test_missing_package_or_weights_raise_a_clear_error(monkeypatch, tmp_path):
     missing = str(tmp_path / "default_1.pt")
     with pytest.raises(InceptionUnavailable, match="default_1.pt is missing"):
