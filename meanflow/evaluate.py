@@ -28,6 +28,9 @@ over the ranks) and cached in --ref-cache (default the run folder). --ref works 
 no real-vs-real floor. images_per_second_{k}nfe: n over the slowest rank's time to sample, decode and extract.
 Real set: the first n items of epoch 0 in the trainer's own order (seed train.seed, world size 1, no flips), scaled
 back by 1 / data.scale; their features are cached in RUN/fid_real_<items>.npz (meanflow.real_features).
+--inception-precision bf16 runs the Inception under bf16 autocast (meanflow.fid: ~2.5x faster on a CPU with AMX,
+within 1% of fp32 on the demo's digits); the JSON's inception_precision and every logged FID line say so, and its
+real features are cached apart (fid_real_<items>_bf16.npz).
 real_vs_real_floor: FID between those n items and the next n (needs 2n items; null otherwise or with --no-floor):
 the value a perfect model would get at this n. Small n inflate FID, so compare numbers only at equal n.
 
@@ -59,7 +62,8 @@ the caches, and sends the classifier's weights to the others. An error on any ra
 Standard output's last line is one JSON object, also written to RUN/eval_step_<step>.json:
     {"fid_1nfe": ..., "accuracy_1nfe": ..., "accuracy_per_class_1nfe": [10 floats], "inception_score_1nfe": null,
      ..., "classifier_test_accuracy": ..., "classifier_test_accuracy_per_class": [...], "inception_score_real": null,
-     "real_vs_real_floor": ..., "n": N, "steps": [...], "seed": S, "step": STEP, "checkpoint": PATH, ...}
+     "real_vs_real_floor": ..., "n": N, "steps": [...], "seed": S, "step": STEP, "checkpoint": PATH,
+     "inception_precision": "fp32", ...}
 Progress goes to standard error. Bad input exits with status 2 and `meanflow.evaluate: error: ...`; so does a
 damaged checkpoint (checked as meanflow.sample does: named with the next newest, nothing set aside).
 """
@@ -80,7 +84,13 @@ from meanflow.config import ConfigError
 from meanflow.data import DataError
 from meanflow.distributed import Dist, PeerFailed, init_distributed, shutdown
 from meanflow.eval_draws import evaluation_draws
-from meanflow.fid import InceptionFeatures, InceptionUnavailable, check_inception_available, fid_from_features
+from meanflow.fid import (
+    PRECISIONS,
+    InceptionFeatures,
+    InceptionUnavailable,
+    check_inception_available,
+    fid_from_features,
+)
 from meanflow.latent_runs import LatentDecoder, is_latent_run
 from meanflow.real_features import plan_real, real_items, write_real_cache
 from meanflow.reference_stats import (
@@ -272,7 +282,7 @@ def _plan(ctx, say) -> dict:
     if ctx["ref"] is not None:
         plan = _plan_reference(ctx, say)
     else:
-        plan = plan_real(cfg, ctx["run"], ctx["n"], ctx["floor"], say)
+        plan = plan_real(cfg, ctx["run"], ctx["n"], ctx["floor"], say, ctx["extractor"].precision)
     plan["classifier"] = None
     if reads_digits(cfg):
         c = digits.load_classifier(cfg.data.root, log=say)
@@ -296,7 +306,7 @@ def _plan_reference(ctx, say) -> dict:
         plan["reference"] = load_npz_reference(ref)
     else:
         files = list_images(ref)
-        key = cache_key(ref, files, ctx["image_size"])
+        key = cache_key(ref, files, ctx["image_size"], ctx["extractor"].precision)
         path = cache_path(ctx["ref_cache"] or ctx["run"], key)
         plan["reference"] = read_cached(path, key)
         if plan["reference"] is None:
@@ -306,6 +316,12 @@ def _plan_reference(ctx, say) -> dict:
     if plan["reference"] is not None:
         say(f"reference statistics from {plan['reference'].source}")
     return plan
+
+
+def precision_note(plan) -> str:
+    """Said beside every FID not computed with the standard fp32 Inception."""
+    p = plan["inception_precision"]
+    return "" if p == "fp32" else f" ({p} Inception)"
 
 
 def _fmt(values) -> str:
@@ -326,7 +342,7 @@ def _step_metrics(k, parts, real, reference, plan, n, say) -> dict:
     rate = n / max(max(p["seconds"] for p in mine), 1e-9)
     out = {f"fid_{k}nfe": fid, f"accuracy_{k}nfe": None, f"accuracy_per_class_{k}nfe": None,
            f"inception_score_{k}nfe": None, f"images_per_second_{k}nfe": round(rate, 2)}
-    line = f"FID {k}-NFE = {fid:.3f} at n = {n} ({rate:.1f} images/s)"
+    line = f"FID {k}-NFE = {fid:.3f} at n = {n}{precision_note(plan)} ({rate:.1f} images/s)"
     if plan["classifier"] is not None:
         acc, per_class = digits.accuracy_from_predictions(_joined(mine, "predictions"), _joined(mine, "labels"))
         out.update({f"accuracy_{k}nfe": acc, f"accuracy_per_class_{k}nfe": per_class})
@@ -355,9 +371,10 @@ def _metrics(ctx, plan, private, parts, say) -> dict:
     floor = fid_from_features(real[n:2 * n], real[:n]) if plan["floor"] else None
     result["real_vs_real_floor"] = floor
     if floor is not None:
-        say(f"real-vs-real floor = {floor:.3f} at n = {n}")
+        say(f"real-vs-real floor = {floor:.3f} at n = {n}{precision_note(plan)}")
     result.update(n=n, steps=ctx["steps"], seed=ctx["seed"], step=ctx["step"], checkpoint=ctx["checkpoint"],
-                  real_features=private["path"], classifier=plan.get("classifier_path"), processes=ctx["processes"],
+                  inception_precision=plan["inception_precision"], real_features=private["path"],
+                  classifier=plan.get("classifier_path"), processes=ctx["processes"],
                   reference=None if reference is None else reference.source,
                   reference_count=None if reference is None else reference.count, vae=ctx.get("vae"),
                   **{k: list(v) if k == "interval" else v for k, v in ctx.get("guidance", {}).items()},
@@ -413,7 +430,8 @@ def _latent_setup(cfg, ref, vae, device, batch, say):
 
 
 def evaluate_run(run, steps=(1, 2), n=None, batch=50, seed=None, device="cpu", floor=True, checkpoint=None,
-                 verify=True, progress=True, ref=None, vae=None, ref_cache=None, omega=None, interval=None) -> dict:
+                 verify=True, progress=True, ref=None, vae=None, ref_cache=None, omega=None, interval=None,
+                 inception_precision="fp32") -> dict:
     """The metrics of a run as a dict (the JSON written to RUN/eval_step_<step>.json; see the module docstring).
 
     steps: step counts (a sequence or '1,2'); n: samples per step count (None: 50,000 for a run on prepared latents,
@@ -422,8 +440,9 @@ def evaluate_run(run, steps=(1, 2), n=None, batch=50, seed=None, device="cpu", f
     and log lines on stderr; ref: FID reference statistics, an .npz or an image folder (required for a latent run);
     vae: the VAE that decodes a latent run's samples (None: the manifest's); ref_cache: where a folder's statistics
     are cached (None: the run folder); omega, interval ('A,B' or a pair): an iMF run's sampling guidance (None: the
-    run's objective.imf_sample_*). Inside a process group (torchrun) the work is split over the ranks and every
-    rank returns the dict. Bad input raises ConfigError (a ValueError) naming the argument.
+    run's objective.imf_sample_*); inception_precision: "fp32" (the standard) or "bf16" (meanflow.fid: faster on
+    CPUs with AMX and on GPUs, within 1% of fp32 on the demo). Inside a process group (torchrun) the work is split
+    over the ranks and every rank returns the dict. Bad input raises ConfigError (a ValueError) naming the argument.
     """
     d = _current_dist()
     say = log if progress and d.is_main else _quiet
@@ -431,6 +450,11 @@ def evaluate_run(run, steps=(1, 2), n=None, batch=50, seed=None, device="cpu", f
     omega, interval = check_guidance_args(omega, interval)
     if ref is not None and not os.path.exists(ref):
         raise ConfigError(f"--ref {ref}: no such file or folder")
+    if inception_precision not in PRECISIONS:
+        raise ConfigError(f"--inception-precision: must be one of {', '.join(PRECISIONS)}, got {inception_precision!r}")
+    if inception_precision != "fp32" and ref is not None and os.path.isfile(ref):
+        raise ConfigError(f"--inception-precision {inception_precision}: --ref {ref} holds statistics from an fp32 "
+                          "Inception; FIDs compare only at one precision (pass an image folder, or fp32)")
     cfg, model, ckpt, step = load_run(run, checkpoint, device, verify, "meanflow.evaluate")
     guidance = run_guidance(cfg, model, omega, interval)
     if cfg.data.source == "toy":  # 2-D points: distances to fresh draws of the data (one process: they are cheap)
@@ -451,7 +475,8 @@ def evaluate_run(run, steps=(1, 2), n=None, batch=50, seed=None, device="cpu", f
            "processes": d.world_size, "ref": ref, "ref_cache": ref_cache, "decoder": decoder, "guidance": guidance,
            "vae": None if decoder is None else decoder.path,
            "image_size": cfg.model.input_size * (1 if decoder is None else decoder.factor),  # samples' side
-           "extractor": InceptionFeatures(device, progress=progress and d.is_main),  # its own batch: fid.py
+           "extractor": InceptionFeatures(device, progress=progress and d.is_main,  # its own batch: fid.py
+                                          precision=inception_precision),
            "t0": time.time()}
     private = {}  # rank 0's real features or reference statistics: never sent to the other ranks
 
@@ -461,6 +486,7 @@ def evaluate_run(run, steps=(1, 2), n=None, batch=50, seed=None, device="cpu", f
         return plan
 
     plan = _on_main(d, plan_on_main)
+    plan["inception_precision"] = inception_precision
     classifier = None if plan["classifier"] is None else digits.classifier_from_state(plan["classifier"]).to(device)
     parts = _gather(d, lambda: _rank_work(ctx, plan, classifier, d))
     return _on_main(d, lambda: _metrics(ctx, plan, private, parts, say))
@@ -482,6 +508,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-floor", action="store_true", help="skip the real-vs-real floor (saves n real images)")
     p.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's SHA-256 sums")
+    p.add_argument("--inception-precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (the standard) or bf16: ~2.5x faster on a CPU with AMX, FID within 1%% of fp32 on the "
+                   "demo; compare FIDs only at one precision")
     add_guidance_options(p)
     args = p.parse_args(argv)
     d = None
@@ -491,7 +520,8 @@ def main(argv=None) -> int:
         result = evaluate_run(args.run, steps=args.steps, n=args.n, batch=args.batch, seed=args.seed,
                               device=args.device, floor=not args.no_floor, checkpoint=args.checkpoint,
                               verify=not args.no_verify, ref=args.ref, vae=args.vae, ref_cache=args.ref_cache,
-                              omega=args.omega, interval=args.interval)
+                              omega=args.omega, interval=args.interval,
+                              inception_precision=args.inception_precision)
     except FAILURES as e:
         sys.stderr.write(f"meanflow.evaluate: error: {e}\n")  # one write: the ranks' lines share one stream
         return 2

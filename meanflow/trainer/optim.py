@@ -19,7 +19,7 @@ class OptimConfig:
     schedule: str = "constant"  # after warmup: "constant", or "cosine" decay to lr * final_lr_ratio at train.steps
     final_lr_ratio: float = 0.0  # "cosine": the last step's learning rate as a fraction of optim.lr
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping (the norm is still logged)
-    impl: str = "auto"  # "auto" or "torch": torch's AdamW (fused on CUDA)
+    impl: str = "auto"  # "auto" or "torch": torch's AdamW (fused: one kernel over all parameters)
     ema_decay: float = 0.9999  # decay of the EMA weights that sampling and evaluation use
     ema_warmup: bool = False  # decay_k = min(ema_decay, (1 + k) / (10 + k)): useful for short runs
 
@@ -42,7 +42,9 @@ class OptimConfig:
 
 def build_optimizer(model, cfg: OptimConfig, device):
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), fused=device.type == "cuda", **kwargs)
+    # fused on the CPU too: 1.5 ms a step against 9.2 for the demo's 1.34M parameters on 2 threads (foreach), ~5%
+    # of its step; the same update up to float rounding (tests/meanflow/test_trainer_parts.py)
+    return torch.optim.AdamW(model.parameters(), fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
 def lr_at(cfg: OptimConfig, step: int, total_steps: int) -> float:

@@ -143,11 +143,18 @@ def test_reads_digits_only_for_10_class_mnist():
     ({"steps": (0,)}, "--steps"), ({"steps": [1.5]}, "--steps"), ({"steps": "1,x"}, "--steps"),
     ({"steps": ()}, "--steps"),
     ({"n": 1}, "--n"), ({"n": 2.5}, "--n"), ({"batch": 0}, "--batch"), ({"seed": -1}, "--seed"),
-    ({"device": "nonsense"}, "--device"),
+    ({"device": "nonsense"}, "--device"), ({"inception_precision": "fp16"}, "--inception-precision"),
 ])
 def test_evaluate_run_names_a_bad_argument_before_loading_anything(kwargs, needle, tmp_path):
     with pytest.raises(ConfigError, match=needle):
         evaluate.evaluate_run(str(tmp_path / "no-such-run"), **kwargs)  # the argument is named, not the missing run
+
+
+def test_a_bf16_inception_is_refused_against_fp32_reference_statistics(tmp_path):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(3), sigma=np.eye(3))
+    with pytest.raises(ConfigError, match="--inception-precision bf16.*fp32"):
+        evaluate.evaluate_run(str(tmp_path / "no-such-run"), ref=str(ref), inception_precision="bf16")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -400,3 +400,29 @@ def test_imports_and_runs_the_torch_path_without_triton():
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MFKERNELS_BACKEND")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).parents[2])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_16_bit_attention_on_the_cpu_torch_path_computes_in_fp32(autocast, seed, monkeypatch):
+    # the torch path upcasts CPU bf16 (its flash backward is ~20x slower than fp32's), under autocast too: the output
+    # and the gradients are the fp32 (here float64) result of the bf16 inputs, rounded once, in the inputs' dtype
+    seen = []
+
+    def reference(q, k, v, scale=None):
+        seen.append(q.dtype)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    monkeypatch.setattr(attn_mod, "attention_reference", reference)
+    q, k, v = (torch.randn(3, 2, 17, 32).bfloat16().requires_grad_() for _ in range(3))
+    g = torch.randn(3, 2, 17, 32).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        o = mfkernels.attention(q, k, v)
+    assert seen == [torch.float32]
+    o.backward(g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o64 = torch.softmax(q64 @ k64.transpose(-2, -1) / math.sqrt(32), -1) @ v64
+    o64.backward(g.double())
+    assert o.dtype == q.grad.dtype == torch.bfloat16
+    for got, want in ((o, o64), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        # one bf16 rounding of the result: half an ulp, 2^-9 relative; a bf16 computation is off by several ulps
+        torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=2**-8 * want.abs().max().item())
