@@ -102,9 +102,10 @@ def _mnist_imf():
     """iMF on the embedded MNIST at the demo's size and CPU budget: iMF-Micro/8 (the demo's width 128 and 4 blocks
     on the u path: a 2-block trunk with 2-block u- and v-heads; 16 patch tokens + 20 prefix tokens), the demo's
     batch and optimizer, iMF's official objective, and as many steps as cost the demo's 1500 steps of CPU time
-    (MNIST_IMF_STEP_COST; 1500 was the demo's budget when the two were compared; it has changed since). Sampling guidance omega 4 over [0.4, 0.65] (B/2's official interval): the best 1-NFE FID
-    of a sweep (omega 1, 2, 4, 8; intervals [0, 1], [0.2, 0.8], [0.4, 0.65]) on a 1500-step run, intervals within
-    noise of each other; at 363 steps omega has not been learned yet and changes nothing (docs/imf.md, "Results").
+    (MNIST_IMF_STEP_COST; 1500 was the demo's budget when the two were compared; it has changed since). Sampling
+    guidance omega 4 over [0.4, 0.65] (B/2's official interval): the best 1-NFE FID of a sweep (omega 1, 2, 4, 8;
+    intervals [0, 1], [0.2, 0.8], [0.4, 0.65]) on a 1500-step run, intervals within noise of each other; at 363
+    steps omega has not been learned yet and changes nothing (docs/imf.md, "Results").
     """
     return {
         "model": {"name": "iMF-Micro/8", "input_size": 32, "in_channels": 1, "num_classes": 10},

@@ -198,8 +198,8 @@ def test_imagenet_imf_presets_are_the_official_recipe(name, model, steps, omega,
 def test_mnist_imf_preset_is_the_demo_size():
     demo, imf = resolve_config(["--config", "mnist-demo"]), resolve_config(["--config", "mnist-imf"])
     assert imf.model.name == "iMF-Micro/8" and imf.objective.kind == "imf"
-    # the CPU time of the demo's 1500 steps when the two were compared (docs/imf.md; the demo's recipe has changed since), over
-    # the measured cost of an iMF step in demo steps
+    # the CPU time of the demo's 1500 steps when the two were compared (docs/imf.md; the demo's recipe has changed
+    # since), over the measured cost of an iMF step in demo steps
     assert imf.train.steps == round(1500 / MNIST_IMF_STEP_COST) == 363
     assert imf.train.global_batch == demo.train.global_batch
     assert (imf.model.input_size, imf.model.in_channels, imf.model.num_classes) == (32, 1, 10)
