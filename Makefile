@@ -45,7 +45,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q tests --runslow
 
 # Train, then judge the 1-NFE samples: FID at n = 1000 with its real-vs-real floor, and the digit classifier's reading
-# of each sample (2-NFE FID adds ~2 minutes: python -m meanflow.evaluate --run runs/mnist-demo --steps 1,2).
+# of each sample (2-NFE FID: meanflow.evaluate --steps 2 at the same --inception-precision, ~45 s more).
 # Training is one process on every core's thread: on a 2-core CPU its step is 1.75x faster than torchrun's two
 # single-thread processes (FSDP2 over gloo), README "Demo"; evaluation splits its work over NPROC processes.
 # On a CPU with AMX the Inception runs in bf16: 2.5x faster than fp32 (half of the demo's time was the Inception),
