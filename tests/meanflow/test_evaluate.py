@@ -48,8 +48,8 @@ def fresh_run(smoke_run, env, tmp_path, monkeypatch):
 class PixelFeatures:
     """Stands in for the Inception (seconds per image here): the pixels themselves as features."""
 
-    def __init__(self, device="cpu", batch_size=50, progress=True):
-        pass
+    def __init__(self, device="cpu", batch_size=50, progress=True, precision="fp32"):
+        self.precision = precision
 
     def extract(self, batches, total=None, desc=""):
         out = [x.detach().double().cpu().flatten(1).numpy() for x in batches]

@@ -70,8 +70,8 @@ def latent_run(tmp_path_factory):
 class ProjectedPixels:
     """Stands in for the Inception (~0.1 s an image here): a fixed random projection of the pixels to 2048 features."""
 
-    def __init__(self, device="cpu", batch_size=50, progress=True):
-        self.seen = 0
+    def __init__(self, device="cpu", batch_size=50, progress=True, precision="fp32"):
+        self.seen, self.precision = 0, precision
 
     def extract(self, batches, total=None, desc=""):
         out = []
