@@ -283,6 +283,7 @@ def _plan(ctx, say) -> dict:
         plan = _plan_reference(ctx, say)
     else:
         plan = plan_real(cfg, ctx["run"], ctx["n"], ctx["floor"], say, ctx["extractor"].precision)
+    plan["inception_precision"] = ctx["extractor"].precision
     plan["classifier"] = None
     if reads_digits(cfg):
         c = digits.load_classifier(cfg.data.root, log=say)
@@ -486,7 +487,6 @@ def evaluate_run(run, steps=(1, 2), n=None, batch=50, seed=None, device="cpu", f
         return plan
 
     plan = _on_main(d, plan_on_main)
-    plan["inception_precision"] = inception_precision
     classifier = None if plan["classifier"] is None else digits.classifier_from_state(plan["classifier"]).to(device)
     parts = _gather(d, lambda: _rank_work(ctx, plan, classifier, d))
     return _on_main(d, lambda: _metrics(ctx, plan, private, parts, say))

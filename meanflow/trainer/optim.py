@@ -43,7 +43,7 @@ class OptimConfig:
 def build_optimizer(model, cfg: OptimConfig, device):
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     # fused on the CPU too: 1.5 ms a step against 9.2 for the demo's 1.34M parameters on 2 threads (foreach), ~5%
-    # of its step; the same update up to float rounding (tests/meanflow/test_trainer_parts.py)
+    # of its step; the same update up to float rounding (tests/meanflow/test_optim.py)
     return torch.optim.AdamW(model.parameters(), fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
