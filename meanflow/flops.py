@@ -30,8 +30,12 @@ round(ratio_r_neq_t G) / G of a global batch G) and g guidance forwards:
     otherwise                                  (2 F + A) + (2 F - E)                          + g F
         (one dual pass of all rows with gradients; the tangent is under no_grad, so the backward is the primal's)
 
-    g = [cfg_k != 0] + [1 - cfg_w - cfg_k != 0] on a class-conditional model with guidance in training (the no-grad
-        forwards u(z, t, t | y) and u(z, t, t | null) of objective.guided_velocity, over every row), else 0.
+    g = P_I ((1 - delta) [1 - cfg_w - cfg_k != 0] + c [cfg_k != 0]) on a class-conditional model with guidance in
+        training, else 0: objective.guided_velocity's one no-grad forward, over the rows it guides (t in the guidance
+        interval, probability P_I; the label kept, a share 1 - delta of the rows), of u(z, t, t | null) on each and of
+        u(z, t, t | y) where the training forward has not given it, on a share c of the rows: 0 for flow matching, the
+        r != t rows with a kept label for the split, 1 - delta for one dual pass. Expected FLOPs where an interval
+        applies (P_I = F(t_end)^2 - F(t_start)^2, t the larger of two draws of CDF F), exact counts otherwise.
 
 On an iMF model (meanflow.models.imf_dit) the dual pass's tangent skips the class and guidance tokens (constants
 along it), so the tangent adds F - (three embedders) + A rather than F + A: ForwardFlops.tangent holds it. An iMF
@@ -56,6 +60,7 @@ rate, half bf16's, so a bf16 run's MFU counts them at a rate they cannot reach. 
 
 import argparse
 import inspect
+import math
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -230,11 +235,33 @@ def model_forward_flops(model_cfg, v_head=False) -> ForwardFlops:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def guidance_forwards(objective_cfg, conditional: bool) -> int:
-    """g: the no-grad forwards per image that guidance in training adds (objective.guided_velocity)."""
-    if not (conditional and objective_cfg.guided):
-        return 0
-    return int(objective_cfg.cfg_k != 0.0) + int(1.0 - objective_cfg.cfg_w - objective_cfg.cfg_k != 0.0)
+def guidance_forwards(objective_cfg, conditional: bool, global_batch=None) -> float:
+    """g: the no-grad forwards per image that guidance in training adds (objective.guided_velocity), the expected
+    share of a batch that its one call runs on (module docstring)."""
+    cfg = objective_cfg
+    if not (conditional and cfg.guided):
+        return 0.0
+    inside = guidance_interval_share(cfg)
+    dropped = cfg.class_drop if global_batch is None else round(cfg.class_drop * global_batch) / global_batch
+    null = (1.0 - dropped) * inside if 1.0 - cfg.cfg_w - cfg.cfg_k != 0.0 else 0.0
+    if cfg.cfg_k == 0.0 or cfg.ratio_r_neq_t == 0.0:  # flow matching: the training forward gives every u(z,t,t|y)
+        return null
+    if cfg.ratio_r_neq_t <= JVP_SPLIT_MAX_RATIO:  # the r != t rows with a kept label (dropped rows are r = t first)
+        rho = r_neq_t_share(cfg, global_batch)
+        return null + (rho - max(0.0, dropped - (1.0 - rho))) * inside
+    return null + (1.0 - dropped) * inside
+
+
+def guidance_interval_share(objective_cfg) -> float:
+    """P(cfg_t_start <= t <= cfg_t_end) for t the larger of two draws of the time sampler: F(end)^2 - F(start)^2."""
+    cfg = objective_cfg
+
+    def cdf(x):  # one draw's
+        if cfg.time_sampler == "uniform" or x <= 0.0 or x >= 1.0:
+            return min(max(x, 0.0), 1.0)
+        return 0.5 * (1.0 + math.erf((math.log(x / (1.0 - x)) - cfg.time_mu) / (cfg.time_sigma * math.sqrt(2.0))))
+
+    return cdf(cfg.cfg_t_end) ** 2 - cdf(cfg.cfg_t_start) ** 2
 
 
 def r_neq_t_share(objective_cfg, global_batch=None) -> float:
@@ -248,7 +275,7 @@ def r_neq_t_share(objective_cfg, global_batch=None) -> float:
 def step_flops_per_image(fwd: ForwardFlops, objective_cfg, conditional: bool, global_batch=None) -> float:
     """FLOPs of one MeanFlow training step per image (module docstring)."""
     F, E, dual = fwd.total, fwd.no_input_grad, fwd.total + fwd.dual_tangent  # dual: 2 F + A for a DiT
-    guidance = guidance_forwards(objective_cfg, conditional) * F
+    guidance = guidance_forwards(objective_cfg, conditional, global_batch) * F
     if objective_cfg.ratio_r_neq_t == 0.0:
         return F + (2 * F - E) + guidance
     if objective_cfg.ratio_r_neq_t <= JVP_SPLIT_MAX_RATIO:

@@ -176,16 +176,42 @@ def _expand(s, like):
     return s.view(-1, *([1] * (like.dim() - 1)))
 
 
+def guidance_active(cfg: ObjectiveConfig, t, dropped):
+    """The rows guidance applies to: t in [cfg_t_start, cfg_t_end] and the label kept."""
+    return (t >= cfg.cfg_t_start) & (t <= cfg.cfg_t_end) & ~dropped
+
+
 @torch.no_grad()
-def guided_velocity(model, cfg: ObjectiveConfig, z, t, y, v, dropped):
-    """v~ = w v + k u(z,t,t|y) + (1-w-k) u(z,t,t|null) on rows with t in the guidance interval and a kept label."""
-    null = torch.full_like(y, model.num_classes)
-    active = (t >= cfg.cfg_t_start) & (t <= cfg.cfg_t_end) & ~dropped
+def guided_velocity(model, cfg: ObjectiveConfig, z, t, y, v, dropped, known=None):
+    """v~ = w v + k u(z,t,t|y) + (1-w-k) u(z,t,t|null) on the guidance_active rows; v elsewhere.
+
+    What the guided rows need comes from one no-grad forward over those rows only: u(z, t, t | null) where
+    1 - w - k != 0, and u(z, t, t | y) where k != 0, except on the rows of ``known`` = (mask (B,), u (B, ...)) whose u
+    already is u(z, t, t | y): the training forward's rows with r = t. That forward runs on every rank, on one
+    throw-away row where a rank has none, so that FSDP's collectives (one set per model call) match across ranks.
+    """
+    k, k_null = cfg.cfg_k, 1.0 - cfg.cfg_w - cfg.cfg_k
+    active = guidance_active(cfg, t, dropped)
+    if k == 0.0 and k_null == 0.0:  # w = 1, k = 0: no guidance
+        return v
+    need_cond = active & ~known[0] if known is not None else active
+    none = active.new_zeros(0, dtype=torch.long)
+    cond_rows = need_cond.nonzero().squeeze(1) if k != 0.0 else none  # (n_c,)
+    null_rows = active.nonzero().squeeze(1) if k_null != 0.0 else none  # (n_n,)
+    rows = torch.cat([cond_rows, null_rows])
+    labels = torch.cat([y[cond_rows], torch.full_like(y[null_rows], model.num_classes)])
+    if rows.numel() == 0:  # the throw-away row; its output is discarded
+        rows, labels = rows.new_zeros(1), y[:1]
+    out = model(z[rows], t[rows], t[rows], labels).to(v.dtype)  # (n_c + n_n, ...)
     v_guided = cfg.cfg_w * v
-    if cfg.cfg_k != 0.0:
-        v_guided = v_guided + cfg.cfg_k * model(z, t, t, y)
-    if 1.0 - cfg.cfg_w - cfg.cfg_k != 0.0:
-        v_guided = v_guided + (1.0 - cfg.cfg_w - cfg.cfg_k) * model(z, t, t, null)
+    if k != 0.0:
+        u_cond = known[1].to(v.dtype).clone() if known is not None else torch.zeros_like(v)
+        u_cond[cond_rows] = out[: cond_rows.numel()]
+        v_guided = v_guided + k * u_cond
+    if k_null != 0.0:
+        u_null = torch.zeros_like(v)
+        u_null[null_rows] = out[cond_rows.numel() : cond_rows.numel() + null_rows.numel()]
+        v_guided = v_guided + k_null * u_null
     return torch.where(_expand(active, v), v_guided, v)
 
 
@@ -229,17 +255,21 @@ def meanflow_loss(model, x, y, d: Draw, cfg: ObjectiveConfig):
     e, r, t = d.e, d.r, d.t
     z = (1 - _expand(t, x)) * x + _expand(t, x) * e
     v = e - x
+    guided = y is not None and model.num_classes > 0 and cfg.guided
     if y is not None and model.num_classes > 0:
         y = torch.where(d.drop, torch.full_like(y, model.num_classes), y)
-        if cfg.guided:
-            v = guided_velocity(model, cfg, z, t, y, v, d.drop)
+    # Where the training forward comes first, its rows with r = t are u(z, t, t | y): guidance reuses them.
     if cfg.ratio_r_neq_t == 0.0:  # flow matching: r = t everywhere, no JVP needed
         u = model(z, t, t, y)
-        target = v
+        target = guided_velocity(model, cfg, z, t, y, v, d.drop, known=(r == t, u.detach())) if guided else v
     elif cfg.ratio_r_neq_t <= JVP_SPLIT_MAX_RATIO:
         u = model(z, r, t, y)
+        if guided:
+            v = guided_velocity(model, cfg, z, t, y, v, d.drop, known=(r == t, u.detach()))
         target = meanflow_target(v, r, t, dudt_where_r_neq_t(model, cfg, z, r, t, y, v))
-    else:
+    else:  # u comes with du/dt, whose tangent is v~: guidance first
+        if guided:
+            v = guided_velocity(model, cfg, z, t, y, v, d.drop)
         u, dudt = u_and_dudt(model, z, r, t, y, v, engine=cfg.engine, tangent_r=cfg.tangent_r,
                              tangent_t=cfg.tangent_t, check_values=False)
         target = meanflow_target(v, r, t, dudt)

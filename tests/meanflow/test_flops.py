@@ -8,6 +8,8 @@ neglects exactly the ops it does not count (norms, softmax, activations, residua
 layer's shape, a missed layer, a tangent matmul too many or a wrong share of r != t rows all change the integer.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -16,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import mfkernels
 from meanflow import flops
 from meanflow.models import create_model
-from meanflow.objective import ObjectiveConfig, draw, meanflow_loss
+from meanflow.objective import ObjectiveConfig, draw, meanflow_loss, sample_times
 
 
 @pytest.fixture
@@ -90,9 +92,12 @@ def test_mlp_forward_matches_flop_counter():
 
 STEP_CASES = {  # objective overrides: each branch of meanflow_loss, with and without guidance
     "flow matching": dict(ratio_r_neq_t=0.0),
-    "split, guided w k": dict(ratio_r_neq_t=0.25, cfg_w=0.2, cfg_k=0.92, cfg_t_end=0.75),
+    "flow matching, guided w k": dict(ratio_r_neq_t=0.0, cfg_w=1.5, cfg_k=0.5, class_drop=0.3),
+    "split, guided w k": dict(ratio_r_neq_t=0.25, cfg_w=0.2, cfg_k=0.92, class_drop=0.3),
+    "split, drops past the r = t rows": dict(ratio_r_neq_t=0.5, cfg_w=1.5, cfg_k=0.5, class_drop=0.7),
     "split, odd batch share": dict(ratio_r_neq_t=0.4),
     "one dual pass, guided w": dict(ratio_r_neq_t=0.75, cfg_w=2.0),
+    "one dual pass, guided w k": dict(ratio_r_neq_t=0.75, cfg_w=0.5, cfg_k=0.3, class_drop=0.3),
 }
 
 
@@ -113,8 +118,35 @@ def test_step_count_matches_a_counted_meanflow_step(case, conditional, torch_ops
     fwd = flops.dit_forward_flops(12, 4, 3, 64, 2, 2)
     expected = B * flops.step_flops_per_image(fwd, cfg, conditional, global_batch=B)
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-12)
-    if cfg.guided and conditional:
-        assert flops.guidance_forwards(cfg, conditional) == (2 if cfg.cfg_k else 1)
+
+
+def test_guided_step_with_an_interval_counts_the_rows_inside(torch_ops):
+    """With a guidance interval the formula is an expectation; on one draw, the count is that of its guided rows."""
+    B, classes = 16, 5
+    model = create_model("DiT-Nano/4", input_size=12, in_channels=3, num_classes=classes)
+    cfg = ObjectiveConfig(ratio_r_neq_t=0.25, cfg_w=0.2, cfg_k=0.92, cfg_t_end=0.6, class_drop=0.1).validate()
+    x, y = torch.randn(B, 3, 12, 12), torch.randint(0, classes, (B,))
+    rnd = draw(cfg, B, (3, 12, 12), torch.Generator().manual_seed(3))
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        loss, _ = meanflow_loss(model, x, y, rnd, cfg)
+        loss.backward()
+    guided = (rnd.t <= 0.6) & ~rnd.drop
+    rows = int(guided.sum()) + int((guided & (rnd.r != rnd.t)).sum())  # null on each, cond where r != t
+    assert 0 < rows < 2 * B
+    fwd = flops.dit_forward_flops(12, 4, 3, 64, 2, 2)
+    unguided = replace(cfg, cfg_w=1.0, cfg_k=0.0)
+    expected = B * flops.step_flops_per_image(fwd, unguided, True, global_batch=B) + rows * fwd.total
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("sampler", ["logit_normal", "uniform"])
+def test_guidance_interval_share_is_the_drawn_share(sampler):
+    cfg = ObjectiveConfig(time_sampler=sampler, time_mu=-0.4, time_sigma=1.0, cfg_w=2.0, cfg_t_start=0.3,
+                          cfg_t_end=0.8)
+    _, t = sample_times(replace(cfg, ratio_r_neq_t=1.0), 400_000, torch.Generator().manual_seed(0), torch.float64)
+    drawn = float(((t >= 0.3) & (t <= 0.8)).double().mean())
+    assert flops.guidance_interval_share(cfg) == pytest.approx(drawn, abs=4e-3)  # ~5 standard errors
+    assert flops.guidance_interval_share(replace(cfg, cfg_t_start=0.0, cfg_t_end=1.0)) == 1.0
 
 
 def test_step_formula_terms():
@@ -124,9 +156,11 @@ def test_step_formula_terms():
     assert flops.step_flops_per_image(fwd, fm, True) == 100 + 196
     assert flops.step_flops_per_image(fwd, split, True) == 100 + 196 + 0.25 * 210
     assert flops.step_flops_per_image(fwd, dual, True) == 210 + 196
-    guided = ObjectiveConfig(ratio_r_neq_t=0.0, cfg_w=1.0, cfg_k=0.5)
-    assert flops.step_flops_per_image(fwd, guided, True) == 296 + 200
+    guided = ObjectiveConfig(ratio_r_neq_t=0.0, cfg_w=1.0, cfg_k=0.5, class_drop=0.1)
+    assert flops.step_flops_per_image(fwd, guided, True) == pytest.approx(296 + 90)  # null on the kept rows only
     assert flops.step_flops_per_image(fwd, guided, False) == 296  # no labels: objective never guides
+    split_guided = replace(guided, ratio_r_neq_t=0.25)  # + cond on the r != t rows (none dropped)
+    assert flops.step_flops_per_image(fwd, split_guided, True) == pytest.approx(100 + 196 + 0.25 * 210 + 90 + 25)
     assert flops.r_neq_t_share(split, global_batch=10) == 0.2  # round(0.75 * 10) = 8 rows have r = t
 
 

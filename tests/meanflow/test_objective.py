@@ -209,13 +209,86 @@ def test_guided_loss_uses_guided_velocity_as_tangent(seed):
     model = small_model("dit")
     x = torch.randn(4, *model.sample_shape, dtype=torch.float64)
     y = torch.randint(0, model.num_classes, (4,))
-    cfg = ObjectiveConfig(ratio_r_neq_t=1.0, cfg_w=0.5, cfg_k=0.3, class_drop=0.0)
+    cfg = ObjectiveConfig(ratio_r_neq_t=1.0, cfg_w=0.5, cfg_k=0.3, class_drop=0.0, adaptive_p=0.0)
+    # p = 0: the loss moves with the target; under p = 1 each row's weighted loss L / (L + c) is ~1 whatever it is
     d = draw(cfg, 4, model.sample_shape, torch.Generator().manual_seed(seed), torch.float64)
     loss, _ = meanflow_loss(model, x, y, d, cfg)
     tt = d.t.view(-1, 1, 1, 1)
     z = (1 - tt) * x + tt * d.e
     vg = guided_velocity(model, cfg, z, d.t, y, d.e - x, d.drop)
     u, dudt = u_and_dudt(model, z, d.r, d.t, y, vg, engine="func")
+    expected, _ = adaptive_loss(u, meanflow_target(vg, d.r, d.t, dudt), cfg.adaptive_p, cfg.adaptive_c)
+    assert torch.allclose(loss, expected, rtol=1e-10)
+
+
+def _written_out_guided_velocity(model, cfg, z, t, y, v, dropped):
+    """v~ as the module docstring writes it: both u's over every row, then the rows outside the guidance kept as v."""
+    null = torch.full_like(y, model.num_classes)
+    full = cfg.cfg_w * v + cfg.cfg_k * model(z, t, t, y) + (1 - cfg.cfg_w - cfg.cfg_k) * model(z, t, t, null)
+    active = (t >= cfg.cfg_t_start) & (t <= cfg.cfg_t_end) & ~dropped
+    return torch.where(active.view(-1, 1, 1, 1), full, v)
+
+
+def _count_calls(model):
+    calls = []
+    original = model.forward
+    model.forward = lambda z, *a, **k: calls.append(z.shape[0]) or original(z, *a, **k)
+    return calls
+
+
+def test_guided_velocity_reuses_known_rows_in_one_call(seed):
+    """Rows whose u(z, t, t | y) is known are not recomputed; the others' cond and null u's come from one call over
+    the guided rows only."""
+    model = small_model("dit")
+    z, _, _, _, v = random_inputs(model, batch=6)
+    y = torch.randint(0, model.num_classes, (6,))
+    t = torch.tensor([0.1, 0.2, 0.5, 0.9, 0.7, 0.3], dtype=torch.float64)
+    dropped = torch.tensor([False, True, False, False, False, False])
+    known_mask = torch.tensor([True, True, False, False, True, False])
+    cfg = ObjectiveConfig(cfg_w=1.5, cfg_k=0.5, cfg_t_end=0.8)
+    expected = _written_out_guided_velocity(model, cfg, z, t, y, v, dropped)
+    with torch.no_grad():
+        known_u = torch.where(known_mask.view(-1, 1, 1, 1), model(z, t, t, y), torch.nan)
+    calls = _count_calls(model)
+    got = guided_velocity(model, cfg, z, t, y, v, dropped, known=(known_mask, known_u))
+    assert calls == [2 + 4]  # cond on the guided unknown rows 2 and 5, null on the guided rows 0, 2, 4, 5
+    assert torch.allclose(got, expected, rtol=1e-12, atol=0)
+    wrong = known_u + 1.0  # the known rows' u is what enters v~ there, not a recomputed one
+    moved = guided_velocity(model, cfg, z, t, y, v, dropped, known=(known_mask, wrong))
+    shifted = (known_mask & (t <= 0.8) & ~dropped).view(-1, 1, 1, 1)  # rows 0 and 4
+    assert torch.allclose(moved - got, (0.5 * shifted.double()).expand_as(got), rtol=0, atol=1e-12)
+
+
+def test_guided_velocity_still_calls_the_model_without_guided_rows(seed):
+    """A rank with no guided row makes the same single call as the others (FSDP's collectives) and keeps v."""
+    model = small_model("dit")
+    z, _, _, _, v = random_inputs(model, batch=3)
+    y = torch.randint(0, model.num_classes, (3,))
+    t = torch.tensor([0.85, 0.9, 0.95], dtype=torch.float64)
+    calls = _count_calls(model)
+    got = guided_velocity(model, ObjectiveConfig(cfg_w=1.5, cfg_k=0.5, cfg_t_end=0.8), z, t, y, v,
+                          torch.zeros(3, dtype=torch.bool))
+    assert calls == [1] and torch.equal(got, v)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+@pytest.mark.parametrize("w,k,t_end", [(1.5, 0.5, 1.0), (3.0, 0.0, 0.8), (0.4, 0.6, 1.0)])
+def test_guided_loss_with_known_rows_equals_the_written_out_loss(ratio, w, k, t_end, seed):
+    """Reusing the training forward's r = t rows gives the loss of guidance computed over every row."""
+    model = small_model("dit")
+    x = torch.randn(8, *model.sample_shape, dtype=torch.float64)
+    y = torch.randint(0, model.num_classes, (8,))
+    cfg = ObjectiveConfig(ratio_r_neq_t=ratio, cfg_w=w, cfg_k=k, cfg_t_end=t_end, class_drop=0.25,
+                          adaptive_p=0.0)  # p = 0: see test_guided_loss_uses_guided_velocity_as_tangent
+    d = draw(cfg, 8, model.sample_shape, torch.Generator().manual_seed(seed), torch.float64)
+    loss, _ = meanflow_loss(model, x, y, d, cfg)
+    tt = d.t.view(-1, 1, 1, 1)
+    z = (1 - tt) * x + tt * d.e
+    y_kept = torch.where(d.drop, torch.full_like(y, model.num_classes), y)
+    with torch.no_grad():
+        vg = _written_out_guided_velocity(model, cfg, z, d.t, y_kept, d.e - x, d.drop)
+        _, dudt = u_and_dudt(model, z, d.r, d.t, y_kept, vg, engine="func")
+    u = model(z, d.r, d.t, y_kept)
     expected, _ = adaptive_loss(u, meanflow_target(vg, d.r, d.t, dudt), cfg.adaptive_p, cfg.adaptive_c)
     assert torch.allclose(loss, expected, rtol=1e-10)
 
