@@ -6,8 +6,9 @@ False and the ops take their torch path. Loading happens once, on first use; a l
 loaded (another architecture, an old ABI) counts as absent, and :func:`load_error` says why.
 
 Ops: :func:`adaln_forward_cpu`, the adaLN dual forward (math in :mod:`mfkernels.adaln` and csrc/adaln_cpu.c) on
-contiguous CPU fp32/fp64 tensors. It validates what it is given and raises ValueError naming the argument: the C side
-trusts its pointers and shapes.
+contiguous CPU fp32/fp64 tensors; :func:`gelu_tanh_forward_cpu` and :func:`gelu_tanh_backward_cpu`, the tanh GELU
+(csrc/gelu_cpu.c) on contiguous CPU fp32 tensors. Each validates what it is given and raises ValueError naming the
+argument: the C side trusts its pointers and shapes.
 
 The library uses OpenMP threads over rows when it was built with OpenMP; each call passes torch's intra-op thread
 count, so ``torch.set_num_threads`` governs it as it does torch's own kernels. Torch has loaded its libgomp before
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 LIBRARY_PATH = Path(__file__).resolve().parent / "_native" / "libmfkernels_cpu.so"
-_ABI_VERSION = 1  # csrc/adaln_cpu.c: mfk_abi_version()
+_ABI_VERSION = 2  # csrc/adaln_cpu.c: mfk_abi_version()
 
 _lib = None
 _load_error = None  # str once a load was tried and failed
@@ -54,6 +55,9 @@ def _load():
         # x, shift, scale, dx, dshift, dscale, y, dy, mean, rstd, B, N, C, eps, num_threads
         fn.argtypes = [p] * 10 + [i64, i64, i64, ctypes.c_double, ctypes.c_int]
         fn.restype = None
+    lib.mfk_gelu_tanh_fwd_f32.argtypes = [p, p, i64, ctypes.c_int]  # x, y, n, num_threads
+    lib.mfk_gelu_tanh_bwd_f32.argtypes = [p, p, p, i64, ctypes.c_int]  # g, x, dx, n, num_threads
+    lib.mfk_gelu_tanh_fwd_f32.restype = lib.mfk_gelu_tanh_bwd_f32.restype = None
     lib.mfk_has_openmp.restype = ctypes.c_int
     _lib = lib
 
@@ -127,3 +131,44 @@ def adaln_forward_cpu(x, shift, scale, dx, dshift, dscale, eps):
     fn(*(t.data_ptr() for t in (x, shift, scale, dx, dshift, dscale, y, dy, mean, rstd)), B, N, C, float(eps),
        torch.get_num_threads())
     return y, dy, mean, rstd
+
+
+def _check_plain(op, name, t, like=None):
+    """t: a contiguous plain CPU fp32 tensor (of like's shape); else ValueError naming op and argument."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        raise ValueError(f"{op}: {name} must be a CPU float32 tensor, got {t.dtype} on {t.device}")
+    if like is not None and t.shape != like.shape:
+        raise ValueError(f"{op}: {name} must have shape {tuple(like.shape)}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (call .contiguous())")
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        raise ValueError(f"{op}: {name} must be a plain tensor, got a {type(t).__name__} (a tensor subclass or a "
+                         "torch.func wrapper has no memory to hand to C)")
+
+
+def _gelu_library(op):
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"{op}: mfkernels native library unavailable ({_load_error}): build it with `make native`")
+    return lib
+
+
+def gelu_tanh_forward_cpu(x):
+    """gelu_tanh(x) by the native kernel: x a contiguous CPU fp32 tensor of any shape; a fresh output, no autograd."""
+    lib = _gelu_library("gelu_tanh_forward_cpu")
+    _check_plain("gelu_tanh_forward_cpu", "x", x)
+    y = torch.empty_like(x)
+    lib.mfk_gelu_tanh_fwd_f32(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+    return y
+
+
+def gelu_tanh_backward_cpu(g, x):
+    """g * gelu_tanh'(x) by the native kernel (contiguous CPU fp32, one shape); a fresh output, no autograd."""
+    lib = _gelu_library("gelu_tanh_backward_cpu")
+    _check_plain("gelu_tanh_backward_cpu", "x", x)
+    _check_plain("gelu_tanh_backward_cpu", "g", g, like=x)
+    dx = torch.empty_like(x)
+    lib.mfk_gelu_tanh_bwd_f32(g.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), torch.get_num_threads())
+    return dx

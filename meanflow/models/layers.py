@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import mfkernels
+
 TANGENT_PRECISIONS = ("fp32", "primal")
 
 
@@ -84,9 +86,9 @@ def silu_dual(x, dx):
 
 
 def gelu_tanh_dual(x, dx):
-    y = F.gelu(x, approximate="tanh")
+    y = mfkernels.gelu_tanh(x)
     with torch.no_grad(), no_autocast(dx):
-        dy = torch.ops.aten.gelu_backward(dx, x.detach().to(dx.dtype), approximate="tanh")
+        dy = mfkernels.gelu_tanh_backward(dx, x.detach().to(dx.dtype))
     return y, dy
 
 
@@ -99,7 +101,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(mfkernels.gelu_tanh(self.fc1(x)))
 
     def dual(self, x, dx):
         h, dh = linear_dual(self.fc1, x, dx)

@@ -7,8 +7,6 @@ a missing build never passes silently; set ``MFKERNELS_REQUIRE_NATIVE=0`` to ski
 cmake or a C compiler).
 """
 
-import os
-
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -23,16 +21,7 @@ EPS = adaln.DEFAULT_EPS
 _ABS_FLOOR = 1e-12  # only matters where the reference is exactly zero (C = 1: d x and d scale vanish)
 
 
-@pytest.fixture(autouse=True)
-def native(monkeypatch):
-    """The library, enabled (whatever MFKERNELS_NATIVE says outside); fails, or skips on request, without it."""
-    monkeypatch.delenv("MFKERNELS_NATIVE", raising=False)
-    if not _native.native_available():
-        msg = (f"the native CPU library is not available ({_native.load_error()}): build it with `make native`, "
-               "or set MFKERNELS_REQUIRE_NATIVE=0 to skip these tests")
-        if os.environ.get("MFKERNELS_REQUIRE_NATIVE", "1") == "0":
-            pytest.skip(msg)
-        pytest.fail(msg)
+pytestmark = pytest.mark.usefixtures("native_library")  # tests/mfkernels/conftest.py
 
 
 @pytest.fixture
