@@ -98,20 +98,25 @@ def _validate(x, named):
         raise ValueError(f"adaln_forward_cpu: x must be float32 or float64, got {x.dtype}")
     B, C = x.shape[0], x.shape[-1]
     for name, t in {"x": x, **named}.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"adaln_forward_cpu: {name} must be a tensor, got {type(t).__name__}")
         want = tuple(x.shape) if name in ("x", "dx") else (B, C)
-        if tuple(t.shape) != want:
-            raise ValueError(f"adaln_forward_cpu: {name} must have shape {want}, got {tuple(t.shape)}")
-        if t.device.type != "cpu":
-            raise ValueError(f"adaln_forward_cpu: {name} must be on the CPU, got {t.device}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"adaln_forward_cpu: {name} has dtype {t.dtype} but x has {x.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"adaln_forward_cpu: {name} must be contiguous (call .contiguous())")
-        if type(t) not in (torch.Tensor, torch.nn.Parameter) or torch._C._functorch.is_functorch_wrapped_tensor(t):
-            raise ValueError(f"adaln_forward_cpu: {name} must be a plain tensor, got a {type(t).__name__} "
-                             "(a tensor subclass or a torch.func wrapper has no memory to hand to C)")
+        _check_tensor("adaln_forward_cpu", name, t, want, x.dtype)
+
+
+def _check_tensor(op, name, t, shape, dtype):
+    """t: a plain contiguous CPU tensor of this shape and dtype, else a ValueError naming op and argument."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{op}: {name} must be on the CPU, got {t.device}")
+    if t.dtype != dtype:
+        raise ValueError(f"{op}: {name} must be {dtype}, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (call .contiguous())")
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        raise ValueError(f"{op}: {name} must be a plain tensor, got a {type(t).__name__} (a tensor subclass or a "
+                         "torch.func wrapper has no memory to hand to C)")
 
 
 def adaln_forward_cpu(x, shift, scale, dx, dshift, dscale, eps):
@@ -133,21 +138,6 @@ def adaln_forward_cpu(x, shift, scale, dx, dshift, dscale, eps):
     return y, dy, mean, rstd
 
 
-def _check_plain(op, name, t, like=None):
-    """t: a contiguous plain CPU fp32 tensor (of like's shape); else ValueError naming op and argument."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-    if t.device.type != "cpu" or t.dtype != torch.float32:
-        raise ValueError(f"{op}: {name} must be a CPU float32 tensor, got {t.dtype} on {t.device}")
-    if like is not None and t.shape != like.shape:
-        raise ValueError(f"{op}: {name} must have shape {tuple(like.shape)}, got {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous (call .contiguous())")
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) or torch._C._functorch.is_functorch_wrapped_tensor(t):
-        raise ValueError(f"{op}: {name} must be a plain tensor, got a {type(t).__name__} (a tensor subclass or a "
-                         "torch.func wrapper has no memory to hand to C)")
-
-
 def _gelu_library(op):
     lib = _library()
     if lib is None:
@@ -158,7 +148,7 @@ def _gelu_library(op):
 def gelu_tanh_forward_cpu(x):
     """gelu_tanh(x) by the native kernel: x a contiguous CPU fp32 tensor of any shape; a fresh output, no autograd."""
     lib = _gelu_library("gelu_tanh_forward_cpu")
-    _check_plain("gelu_tanh_forward_cpu", "x", x)
+    _check_tensor("gelu_tanh_forward_cpu", "x", x, getattr(x, "shape", ()), torch.float32)
     y = torch.empty_like(x)
     lib.mfk_gelu_tanh_fwd_f32(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
     return y
@@ -167,8 +157,8 @@ def gelu_tanh_forward_cpu(x):
 def gelu_tanh_backward_cpu(g, x):
     """g * gelu_tanh'(x) by the native kernel (contiguous CPU fp32, one shape); a fresh output, no autograd."""
     lib = _gelu_library("gelu_tanh_backward_cpu")
-    _check_plain("gelu_tanh_backward_cpu", "x", x)
-    _check_plain("gelu_tanh_backward_cpu", "g", g, like=x)
+    _check_tensor("gelu_tanh_backward_cpu", "x", x, getattr(x, "shape", ()), torch.float32)
+    _check_tensor("gelu_tanh_backward_cpu", "g", g, x.shape, torch.float32)
     dx = torch.empty_like(x)
     lib.mfk_gelu_tanh_bwd_f32(g.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), torch.get_num_threads())
     return dx
