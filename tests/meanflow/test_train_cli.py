@@ -73,7 +73,7 @@ def test_run_summary_printed_at_start_and_stored(env, tmp_path):
     f = summary["forward_flops_per_image"]
     assert 3.4 * f < summary["step_flops_per_image"] < 3.5 * f
     assert summary["data"]["items"] == 5000 and summary["data"]["backend"] in ("dali", "torch")
-    assert set(summary["kernels"]) == {"attention", "adaln_modulate", "gated_residual"}
+    assert set(summary["kernels"]) == {"attention", "adaln_modulate", "gated_residual", "gelu_tanh"}
     assert "start: fresh" in p.stderr and "kernels: attention torch" in p.stderr
     resumed = run([sys.executable, "-m", "meanflow.train", "--config", "smoke", f"--train.out={out}",
                    "--train.steps=3", "--train.samples_at_end=0"], env)
