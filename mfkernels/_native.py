@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 LIBRARY_PATH = Path(__file__).resolve().parent / "_native" / "libmfkernels_cpu.so"
 _ABI_VERSION = 2  # csrc/adaln_cpu.c: mfk_abi_version()
@@ -73,6 +74,20 @@ def native_available() -> bool:
     if os.environ.get("MFKERNELS_NATIVE", "1") == "0":
         return False
     return _library() is not None
+
+
+def can_run_on(*tensors) -> bool:
+    """True when a native kernel may take these tensors and nothing would trace through the C call: they are plain
+    CPU tensors (no subclass, no forward-mode tangent), no torch.func transform or torch.compile trace is active, and
+    the library is loaded and enabled. Each op adds its own dtype rule."""
+    return (
+        all(t.device.type == "cpu" for t in tensors)
+        and not torch.compiler.is_compiling()  # first: a file-system probe inside a trace is a graph break
+        and torch._C._functorch.maybe_current_level() is None
+        and native_available()
+        and all(type(t) in (torch.Tensor, torch.nn.Parameter) and fwAD.unpack_dual(t).tangent is None
+                for t in tensors)
+    )
 
 
 def load_error():

@@ -7,7 +7,6 @@ transforms, forward-mode AD and torch.compile traces to the torch composite inst
 """
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
 from mfkernels import _native
 from mfkernels._launch import records_graph
@@ -64,15 +63,8 @@ def use_native(*tensors):
     tangent on a 16-bit primal), and no torch.func transform, forward-mode AD level or torch.compile trace is active
     (the Function defines no jvp, and C cannot read wrapped or fake tensors)."""
     x = tensors[0]
-    return (
-        x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        and all(t.dtype == x.dtype for t in tensors)
-        and not torch.compiler.is_compiling()  # first: a file-system probe inside a trace is a graph break
-        and torch._C._functorch.maybe_current_level() is None
-        and _native.native_available()
-        and all(type(t) in (torch.Tensor, torch.nn.Parameter) and fwAD.unpack_dual(t).tangent is None
-                for t in tensors)
-    )
+    return (x.dtype in (torch.float32, torch.float64) and all(t.dtype == x.dtype for t in tensors)
+            and _native.can_run_on(*tensors))
 
 
 def adaln_modulate_jvp_native(x, shift, scale, dx, dshift, dscale, eps):

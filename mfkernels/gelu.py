@@ -12,7 +12,6 @@ and double backward. The kernel is also more accurate than torch's fp32 op (test
 """
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from mfkernels import _native
@@ -21,14 +20,7 @@ from mfkernels._launch import records_graph
 
 def use_native_gelu(*tensors) -> bool:
     """True when the native kernels can take these tensors and nothing would trace through them."""
-    return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-        and not torch.compiler.is_compiling()  # first: a file-system probe inside a trace is a graph break
-        and torch._C._functorch.maybe_current_level() is None
-        and _native.native_available()
-        and all(type(t) in (torch.Tensor, torch.nn.Parameter) and fwAD.unpack_dual(t).tangent is None
-                for t in tensors)
-    )
+    return all(t.dtype == torch.float32 for t in tensors) and _native.can_run_on(*tensors)
 
 
 class _GeluTanhNative(torch.autograd.Function):
