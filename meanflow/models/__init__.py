@@ -45,7 +45,8 @@ MODEL_NAMES = (tuple(f"DiT-{size}/{p}" for size in DIT_SIZES for p in PATCHES) +
 def create_model(name: str, **overrides):
     """Build a model by registry name; keyword overrides replace the size's defaults.
 
-    DiT overrides: input_size, in_channels, num_classes, hidden_size, depth, num_heads, mlp_ratio, time_scale.
+    DiT overrides: input_size, in_channels, num_classes, hidden_size, depth, num_heads, mlp_ratio, time_scale,
+    prediction, head, long_skips.
     MLP overrides: dim, width, depth, num_classes, time_scale.
     iMF overrides: input_size, in_channels, num_classes, hidden_size, depth, num_heads, mlp_ratio, aux_head_depth
     (None: the size's; 0: the inference model, without the v-head), weight_init_constant.

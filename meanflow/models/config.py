@@ -17,6 +17,7 @@ class ModelConfig:
     prediction: str = "u"  # the output: "u" (the paper's); "x", a clean image D with u = (z - D) / max(t, 0.05);
     # "x_tanh", the same with D = tanh(output), for pixels in [-1, 1] (meanflow.models.prediction)
     head: str = "linear"  # DiT output: "linear" (DiT's, patch by patch) or "conv" (+ a residual 3x3 conv pair)
+    long_skips: bool = False  # DiT: U-ViT's long skips, block i of the second half also reads block L-1-i's input
     aux_head_depth: int = -1  # iMF models: blocks of the v-head (-1: the size's, 8 for the paper sizes; 0: none)
 
     def validate(self):
@@ -38,6 +39,8 @@ class ModelConfig:
                              f"{self.aux_head_depth} for {self.name}")
         if self.head not in HEADS:
             raise ValueError(f"model.head: must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.long_skips and not self.name.startswith("DiT-"):
+            raise ValueError(f"model.long_skips: a DiT option (skips between its blocks); {self.name} has none")
         if self.name == "MLP" and self.head != "linear":
             raise ValueError(f"model.head: {self.head!r} is a DiT head over image patches; the MLP has none")
 
@@ -51,4 +54,5 @@ class ModelConfig:
             return dict(dim=self.in_channels, num_classes=self.num_classes, time_scale=self.time_scale,
                         prediction=self.prediction)
         return dict(input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
-                    time_scale=self.time_scale, prediction=self.prediction, head=self.head)
+                    time_scale=self.time_scale, prediction=self.prediction, head=self.head,
+                    long_skips=self.long_skips)

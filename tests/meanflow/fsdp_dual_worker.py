@@ -26,7 +26,8 @@ def main(out, seed):
     d = init_distributed()
     mfkernels.set_backend("torch")
     torch.manual_seed(seed)  # the same model and batch on every rank
-    model = randomize_fan_in(create_model("DiT-Micro/4", input_size=16, in_channels=4, num_classes=10))
+    model = randomize_fan_in(create_model("DiT-Micro/4", input_size=16, in_channels=4, num_classes=10,
+                                          long_skips=True))  # long skips: root parameters used between blocks
     z, r, t, y, v = random_inputs(model, batch=4, dtype=torch.float32)
     model64 = copy.deepcopy(model).double()
     _, du64 = u_and_dudt(model64, z.double(), r.double(), t.double(), y, v.double(), engine="func")

@@ -45,6 +45,7 @@ def test_contract_override_keys_exist_and_convert():
         (["--train.tangent_precision=bf16"], "train.tangent_precision"),
         (["--train.tf32=maybe"], "train.tf32"),
         (["--optim.impl=apex"], "optim.impl"),
+        (["--config", "toy-moons", "--model.long_skips=true"], "model.long_skips"),
         (["--config", "no-such-preset"], "no-such-preset"),
         (["train.steps=3"], "train.steps=3"),
         (["--config"], "--config"),

@@ -83,6 +83,19 @@ def test_dit_conv_head_counted(torch_ops):
         k: v for k, v in counted.items() if "conv_head" in k}
 
 
+@pytest.mark.parametrize("depth", [4, 5])
+def test_dit_long_skips_counted(depth, torch_ops):
+    model = create_model("DiT-Nano/4", input_size=16, in_channels=3, num_classes=0, depth=depth, long_skips=True)
+    model = model.to("meta")
+    model.check_values = False
+    counted, total = counted_layers(model, torch.zeros(1, 3, 16, 16, device="meta"),
+                                    torch.ones(1, device="meta"), torch.ones(1, device="meta"), None)
+    hidden, heads = flops.DIT_SIZES["Nano"][1:]
+    ours = flops.dit_forward_flops(16, 4, 3, hidden, depth, heads, long_skips=True)
+    assert sum(k.startswith("long_skips.") for k in counted) == depth // 2
+    assert ours.layers == counted and ours.total == total
+
+
 def test_mlp_forward_matches_flop_counter():
     model = create_model("MLP", dim=5, num_classes=3)
     counted, total = counted_layers(model, torch.zeros(1, 5), torch.ones(1), torch.ones(1), torch.zeros(1).long())
