@@ -9,6 +9,7 @@ T = (input_size / patch)^2 tokens of C p^2 values each and the embedders' 256 si
                         +  out proj 2 T D^2  +  MLP 2 x 2 T D M
     final layer         adaLN 2 D (2 D)  +  linear 2 T D (p^2 C)
     long skips          L // 2 x 2 T (2 D) D               (model.long_skips: one Linear from 2D to D per skip)
+With model.canvas the patches tile the canvas only: T = (canvas / patch)^2.
 
 Neglected: everything that is not a matmul (LayerNorm, modulation, softmax, GELU/SiLU, residuals, biases, the
 sinusoids, the label lookup): O(T D) per layer against O(T D^2), under 1% for the paper's sizes. This is the count
@@ -110,11 +111,13 @@ def _time_embedder(prefix, hidden):
 
 
 def dit_forward_flops(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio=4.0,
-                      head="linear", long_skips=False):
+                      head="linear", long_skips=False, canvas=0):
     """ForwardFlops of meanflow.models.dit.DiT with these sizes (num_heads does not change the count). The conv
     head adds two 3x3 convolutions over the input_size^2 pixels: 2 S^2 (9 C) h + 2 S^2 (9 h) C, h its width; long
-    skips one 2D -> D Linear over the T tokens per second-half block."""
-    T, D, P = (input_size // patch_size) ** 2, hidden_size, patch_size * patch_size * in_channels
+    skips one 2D -> D Linear over the T tokens per second-half block. A canvas (0: the whole input) is the side of
+    the window the patches tile (and the conv head convolves)."""
+    side = canvas or input_size
+    T, D, P = (side // patch_size) ** 2, hidden_size, patch_size * patch_size * in_channels
     M = int(D * mlp_ratio)
     layers = {"x_embedder": _linear(T, P, D), **_time_embedder("t_embedder", D), **_time_embedder("h_embedder", D)}
     for i in range(depth):
@@ -131,7 +134,7 @@ def dit_forward_flops(input_size, patch_size, in_channels, hidden_size, depth, n
         layers.update({f"long_skips.{i}.linear": _linear(T, 2 * D, D) for i in range(depth // 2)})
     layers.update({"final_layer.adaLN_modulation.1": _linear(1, D, 2 * D), "final_layer.linear": _linear(T, D, P)})
     if head == "conv":
-        pixels, h = input_size * input_size, CONV_HEAD_HIDDEN
+        pixels, h = side * side, CONV_HEAD_HIDDEN
         layers.update({"conv_head.conv_1": _linear(pixels, 9 * in_channels, h),
                        "conv_head.conv_2": _linear(pixels, 9 * h, in_channels)})
     no_grad_in = layers["x_embedder"] + layers["t_embedder.mlp.0"] + layers["h_embedder.mlp.0"]
@@ -231,7 +234,8 @@ def model_forward_flops(model_cfg, v_head=False) -> ForwardFlops:
         depth, hidden, heads = DIT_SIZES[size]
         return dit_forward_flops(model_cfg.input_size, int(patch), model_cfg.in_channels, hidden, depth, heads,
                                  head=getattr(model_cfg, "head", "linear"),
-                                 long_skips=getattr(model_cfg, "long_skips", False))
+                                 long_skips=getattr(model_cfg, "long_skips", False),
+                                 canvas=getattr(model_cfg, "canvas", 0))
     raise ValueError(f"meanflow.flops: no FLOP count for model {name!r} (counted: DiT-*, iMF-*, MLP)")
 
 

@@ -16,9 +16,12 @@ import json
 from dataclasses import dataclass, field
 
 # The paper's Table 1 default, set explicitly so that the shared row is the paper's whatever the base preset holds
-# (mnist-demo itself trains with p = 0.75, guidance w = 3 and the network predicting a tanh-bounded clean image).
+# (mnist-demo itself trains with p = 0.75, guidance w = 3 and the network predicting a tanh-bounded clean image, with
+# long skips, on a 24x24 canvas).
 PAPER_DEFAULT = {
     "model.prediction": "u",
+    "model.long_skips": False,
+    "model.canvas": 0,
     "objective.ratio_r_neq_t": 0.25,
     "objective.tangent_r": 0.0,
     "objective.tangent_t": 1.0,

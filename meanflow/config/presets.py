@@ -29,15 +29,15 @@ def _mnist_demo():
     """
     return {
         "model": {"name": "DiT-Micro/8", "input_size": 32, "in_channels": 1, "num_classes": 10,
-                  "prediction": "x_tanh"},
+                  "prediction": "x_tanh", "long_skips": True, "canvas": 24},
         # the torch DataLoader, installed or not DALI: make demo does not install it, and on 5000 small digits it
         # reads the same batches in the same order at the same speed (data wait ~3% of a step either way)
         "data": {"source": "mnist", "loader": "torch"},
         "objective": {"adaptive_p": 0.75, "adaptive_c": 1e-3, "ratio_r_neq_t": 0.5, "time_mu": -0.4,
                       "class_drop": 0.1, "cfg_w": 1.5, "cfg_k": 0.5},
         "optim": {"lr": 2e-3, "warmup_steps": 100, "grad_clip": 1.0, "ema_decay": 0.999, "ema_warmup": True},
-        "train": {"steps": 2400, "global_batch": 64, "out": "runs/mnist-demo"},
-        "log": {"every": 50, "sample_every": 400},  # samples/step_<step>.png: the digits forming, 6 grids
+        "train": {"steps": 3200, "global_batch": 64, "out": "runs/mnist-demo"},
+        "log": {"every": 50, "sample_every": 400},  # samples/step_<step>.png: the digits forming, 8 grids
         "checkpoint": {"every": 800, "keep_last": 2},
     }
 

@@ -18,6 +18,7 @@ class ModelConfig:
     # "x_tanh", the same with D = tanh(output), for pixels in [-1, 1] (meanflow.models.prediction)
     head: str = "linear"  # DiT output: "linear" (DiT's, patch by patch) or "conv" (+ a residual 3x3 conv pair)
     long_skips: bool = False  # DiT: U-ViT's long skips, block i of the second half also reads block L-1-i's input
+    canvas: int = 0  # DiT with prediction x/x_tanh: patches tile only the centred canvas^2 window, black (-1) around
     aux_head_depth: int = -1  # iMF models: blocks of the v-head (-1: the size's, 8 for the paper sizes; 0: none)
 
     def validate(self):
@@ -41,6 +42,14 @@ class ModelConfig:
             raise ValueError(f"model.head: must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.long_skips and not self.name.startswith("DiT-"):
             raise ValueError(f"model.long_skips: a DiT option (skips between its blocks); {self.name} has none")
+        if self.canvas:
+            patch = int(self.name.split("/")[-1]) if self.name.startswith("DiT-") else 0
+            if not patch or self.prediction == "u":
+                raise ValueError(f"model.canvas: a DiT option for image predictions (\"x\", \"x_tanh\"); got "
+                                 f"{self.name} predicting {self.prediction!r}")
+            if not 0 < self.canvas < self.input_size or (self.input_size - self.canvas) % 2 or self.canvas % patch:
+                raise ValueError(f"model.canvas: must be below model.input_size {self.input_size} by an even number "
+                                 f"of pixels and divisible by the patch size {patch}, got {self.canvas}")
         if self.name == "MLP" and self.head != "linear":
             raise ValueError(f"model.head: {self.head!r} is a DiT head over image patches; the MLP has none")
 
@@ -55,4 +64,4 @@ class ModelConfig:
                         prediction=self.prediction)
         return dict(input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
                     time_scale=self.time_scale, prediction=self.prediction, head=self.head,
-                    long_skips=self.long_skips)
+                    long_skips=self.long_skips, canvas=self.canvas)

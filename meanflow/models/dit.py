@@ -6,6 +6,8 @@
                x = x + gate_m * MLP (LN(x) * (1 + scale_m) + shift_m)
     long_skips (U-ViT, Bao et al.): block i of the second half reads W_i [x ; x_j], x_j the input of its mirror
                block j = L - 1 - i of the first half
+    canvas     (image predictions): the patches tile only the centred canvas x canvas window of z, and the clean image
+               D is the background (-1) outside it, so u = (z + 1) / tau there
 
 ``forward(z, r, t, y)`` is the plain network u(z, r, t | y). ``dual(z, r, t, y, dz, dr, dt)`` returns (u, du): the
 same u with its graph, and its directional derivative along (dz, dr, dt) with no graph. Attention and adaLN call
@@ -31,7 +33,15 @@ from meanflow.models.layers import (
     split_heads,
     tangent_dtype,
 )
-from meanflow.models.prediction import PREDICTIONS, velocity_from_output, velocity_from_output_tangent
+from meanflow.models.prediction import (
+    PREDICTIONS,
+    image_from_output,
+    image_from_output_tangent,
+    velocity_from_image,
+    velocity_from_image_tangent,
+    velocity_from_output,
+    velocity_from_output_tangent,
+)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # blocks
@@ -128,6 +138,7 @@ class ConvHead(nn.Module):
 
 
 HEADS = ("linear", "conv")
+BACKGROUND = -1.0  # the clean image outside a canvas: black, for images scaled to [-1, 1]
 
 
 class LongSkip(nn.Module):
@@ -189,6 +200,7 @@ class DiT(nn.Module):
         prediction: str = "u",
         head: str = "linear",
         long_skips: bool = False,
+        canvas: int = 0,
     ):
         super().__init__()
         if head not in HEADS:
@@ -198,6 +210,14 @@ class DiT(nn.Module):
         self.prediction = prediction  # "u": the output is u; "x": a clean image u is read from (models.prediction)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        canvas = canvas or input_size
+        if canvas != input_size:
+            if prediction == "u":
+                raise ValueError("canvas: needs an image prediction (\"x\" or \"x_tanh\"): u has no background")
+            if not 0 < canvas < input_size or (input_size - canvas) % 2 or canvas % patch_size:
+                raise ValueError(f"canvas {canvas}: must be below input_size {input_size} by an even number of "
+                                 f"pixels and divisible by patch_size {patch_size}")
+        self.canvas, self.margin = canvas, (input_size - canvas) // 2  # margin: pixels of background on each side
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
@@ -206,7 +226,7 @@ class DiT(nn.Module):
         self.check_values = True  # the trainer turns value checks off: it builds r, t and y itself
         self.checkpoint_blocks = False  # activation checkpointing of each block (set by meanflow.parallel)
         self.tangent_precision = "fp32"  # "fp32" or "primal": the tangent dtype under bf16 (layers.tangent_dtype)
-        grid = input_size // patch_size
+        grid = canvas // patch_size
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
         self.h_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)  # embeds the interval t - r
@@ -257,10 +277,16 @@ class DiT(nn.Module):
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         return y
 
+    def _crop(self, z):
+        """The canvas: the centred canvas x canvas window of z (all of z without a canvas)."""
+        m = self.margin
+        return z[..., m:m + self.canvas, m:m + self.canvas] if m else z
+
     def _tokens(self, z):
         # inputs and buffers follow the weights' dtype, so bf16 parameters (FSDP mixed precision) see bf16 tokens;
         # contiguous: torch 2.13's inductor (CPU) returns wrong gradients for compiled blocks fed the transposed view
-        x = self.x_embedder(z.to(self.x_embedder.weight.dtype)).flatten(2).transpose(1, 2).contiguous()  # (B, T, D)
+        x = self.x_embedder(self._crop(z).to(self.x_embedder.weight.dtype))
+        x = x.flatten(2).transpose(1, 2).contiguous()  # (B, T, D)
         return x + self.pos_embed.to(x.dtype)
 
     def _run_blocks(self, method, *args):
@@ -290,9 +316,13 @@ class DiT(nn.Module):
             carry = carry if isinstance(carry, tuple) else (carry,)
         return carry
 
+    def _pad(self, image, value):
+        """A canvas-sized image placed in the middle of the input's size, ``value`` around it."""
+        return F.pad(image, [self.margin] * 4, value=value)
+
     def _unpatchify(self, x):
         B, T, _ = x.shape
-        p, C, g = self.patch_size, self.in_channels, self.input_size // self.patch_size
+        p, C, g = self.patch_size, self.in_channels, self.canvas // self.patch_size
         x = x.reshape(B, g, g, p, p, C)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, g * p, g * p)  # (B, C, H, W)
 
@@ -308,7 +338,9 @@ class DiT(nn.Module):
         out = self._unpatchify(self.final_layer(x, c))  # (B, C, H, W)
         if self.conv_head is not None:
             out = self.conv_head(out)
-        return velocity_from_output(z, t, out, self.prediction)
+        if not self.margin:
+            return velocity_from_output(z, t, out, self.prediction)
+        return velocity_from_image(z, t, self._pad(image_from_output(out, self.prediction), BACKGROUND))
 
     def dual(self, z, r, t, y, dz, dr, dt):
         """(u, du): u as in forward (with its graph), du = J u . (dz, dr, dt) with no graph.
@@ -322,7 +354,7 @@ class DiT(nn.Module):
         w = self.x_embedder.weight
         td = tangent_dtype(w, self.tangent_precision)  # every layer below keeps the tangent in this dtype
         with torch.no_grad(), no_autocast(dz):
-            dx = F.conv2d(dz.to(td), w.to(td), stride=self.patch_size)
+            dx = F.conv2d(self._crop(dz).to(td), w.to(td), stride=self.patch_size)
             dx = dx.flatten(2).transpose(1, 2)  # (B, T, D); bias and position embedding are constant
         c, dc = self.t_embedder.dual(t, dt.to(td))
         h, dh = self.h_embedder.dual(t - r, (dt - dr).to(td))
@@ -334,5 +366,9 @@ class DiT(nn.Module):
         out, dout = self._unpatchify(out), self._unpatchify(dout)  # (B, C, H, W) each
         if self.conv_head is not None:
             out, dout = self.conv_head.dual(out, dout)
-        u = velocity_from_output(z, t, out, self.prediction)
-        return u, velocity_from_output_tangent(z, t, out, dz, dt, dout, self.prediction)
+        if not self.margin:
+            u = velocity_from_output(z, t, out, self.prediction)
+            return u, velocity_from_output_tangent(z, t, out, dz, dt, dout, self.prediction)
+        image = self._pad(image_from_output(out, self.prediction), BACKGROUND)
+        dimage = self._pad(image_from_output_tangent(out, dout, self.prediction), 0.0)  # the background is constant
+        return velocity_from_image(z, t, image), velocity_from_image_tangent(z, t, image, dz, dt, dimage)

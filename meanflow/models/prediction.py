@@ -37,8 +37,7 @@ def velocity_from_output(z, t, out, prediction):
     """u from the network's output `out` under `prediction` (one of PREDICTIONS); with its graph."""
     if prediction == "u":
         return out
-    image = torch.tanh(out) if prediction == "x_tanh" else out
-    return velocity_from_image(z, t, image)
+    return velocity_from_image(z, t, image_from_output(out, prediction))
 
 
 @torch.no_grad()
@@ -46,10 +45,21 @@ def velocity_from_output_tangent(z, t, out, dz, dt, dout, prediction):
     """du for velocity_from_output, given the tangents dz, dt and dout; in dout's dtype, no graph."""
     if prediction == "u":
         return dout
+    image = image_from_output(out, prediction)
+    return velocity_from_image_tangent(z, t, image, dz, dt, image_from_output_tangent(out, dout, prediction))
+
+
+def image_from_output(out, prediction):
+    """The clean image D the output stands for under an image prediction ("x": out, "x_tanh": tanh(out))."""
+    return torch.tanh(out) if prediction == "x_tanh" else out
+
+
+@torch.no_grad()
+def image_from_output_tangent(out, dout, prediction):
+    """dD for image_from_output given dout: (1 - tanh(out)^2) dout for "x_tanh", dout for "x"; in dout's dtype."""
     if prediction == "x_tanh":
-        image = torch.tanh(out)
-        return velocity_from_image_tangent(z, t, image, dz, dt, (1 - image.to(dout.dtype).square()) * dout)
-    return velocity_from_image_tangent(z, t, out, dz, dt, dout)
+        return (1 - torch.tanh(out).to(dout.dtype).square()) * dout
+    return dout
 
 
 def velocity_from_image(z, t, image):

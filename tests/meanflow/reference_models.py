@@ -98,6 +98,12 @@ def small_model(kind, dtype=torch.float64):
     elif kind == "dit_skips":  # the demo's shape: long skips (models.dit.LongSkip), at an odd depth (a middle block)
         model = create_model("DiT-Nano/2", input_size=6, in_channels=3, num_classes=4, hidden_size=32, num_heads=2,
                              depth=5, prediction="x_tanh", long_skips=True)
+    elif kind == "dit_canvas":  # the demo's shape: tanh image on a centred canvas (background outside), long skips
+        model = create_model("DiT-Nano/2", input_size=8, in_channels=3, num_classes=4, hidden_size=32, num_heads=2,
+                             depth=3, prediction="x_tanh", long_skips=True, canvas=4)
+    elif kind == "dit_canvas_x":
+        model = create_model("DiT-Nano/2", input_size=10, in_channels=3, num_classes=4, hidden_size=32, num_heads=2,
+                             prediction="x", canvas=6)
     elif kind == "mlp_x_tanh":
         model = create_model("MLP", dim=5, width=24, depth=2, num_classes=3, prediction="x_tanh")
     elif kind == "imf":  # iMF's in-context DiT: a 2-block trunk, u and v heads of 1 block each, head dim 16

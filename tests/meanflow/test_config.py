@@ -46,6 +46,8 @@ def test_contract_override_keys_exist_and_convert():
         (["--train.tf32=maybe"], "train.tf32"),
         (["--optim.impl=apex"], "optim.impl"),
         (["--config", "toy-moons", "--model.long_skips=true"], "model.long_skips"),
+        (["--model.canvas=20"], "model.canvas"),
+        (["--model.canvas=24", "--model.prediction=u"], "model.canvas"),
         (["--config", "no-such-preset"], "no-such-preset"),
         (["train.steps=3"], "train.steps=3"),
         (["--config"], "--config"),

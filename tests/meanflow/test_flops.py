@@ -83,15 +83,16 @@ def test_dit_conv_head_counted(torch_ops):
         k: v for k, v in counted.items() if "conv_head" in k}
 
 
-@pytest.mark.parametrize("depth", [4, 5])
-def test_dit_long_skips_counted(depth, torch_ops):
-    model = create_model("DiT-Nano/4", input_size=16, in_channels=3, num_classes=0, depth=depth, long_skips=True)
+@pytest.mark.parametrize("depth, canvas, head", [(4, 0, "linear"), (5, 0, "linear"), (4, 8, "conv")])
+def test_dit_long_skips_and_canvas_counted(depth, canvas, head, torch_ops):
+    model = create_model("DiT-Nano/4", input_size=16, in_channels=3, num_classes=0, depth=depth, long_skips=True,
+                         canvas=canvas, head=head, prediction="x")
     model = model.to("meta")
     model.check_values = False
     counted, total = counted_layers(model, torch.zeros(1, 3, 16, 16, device="meta"),
                                     torch.ones(1, device="meta"), torch.ones(1, device="meta"), None)
     hidden, heads = flops.DIT_SIZES["Nano"][1:]
-    ours = flops.dit_forward_flops(16, 4, 3, hidden, depth, heads, long_skips=True)
+    ours = flops.dit_forward_flops(16, 4, 3, hidden, depth, heads, long_skips=True, canvas=canvas, head=head)
     assert sum(k.startswith("long_skips.") for k in counted) == depth // 2
     assert ours.layers == counted and ours.total == total
 

@@ -122,3 +122,34 @@ def test_x_prediction_reads_u_from_the_image_the_network_outputs(name, kw, seed)
     as_tanh.load_state_dict(as_u.state_dict())
     assert image.abs().max() > 1.5  # outputs past the pixel range, which the tanh must bring inside
     assert torch.allclose(as_tanh(z, r, t, y), (z - torch.tanh(image)) / tau, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("prediction", ["x", "x_tanh"])
+def test_canvas_draws_the_centre_and_the_background_around_it(prediction, seed):
+    """canvas c: D on the centred c x c window is what the same weights draw on a c x c input; outside, D = -1, so
+    u = (z + 1) / tau there, and z outside the window changes nothing else."""
+    from meanflow.models.prediction import T_MIN
+    from tests.meanflow.reference_models import randomize
+
+    kw = dict(in_channels=3, num_classes=4, prediction=prediction)
+    small = randomize(create_model("DiT-Nano/2", input_size=4, **kw).double())
+    framed = create_model("DiT-Nano/2", input_size=8, canvas=4, **kw).double()
+    framed.load_state_dict(small.state_dict())
+    z, r, t, y, _ = random_inputs(framed, batch=4)
+    tau = t.clamp_min(T_MIN).view(-1, 1, 1, 1)
+    u = framed(z, r, t, y)
+    inside = (slice(None), slice(None), slice(2, 6), slice(2, 6))
+    torch.testing.assert_close(u[inside], small(z[inside], r, t, y), rtol=1e-13, atol=0)
+    outside = torch.ones_like(z, dtype=torch.bool)
+    outside[inside] = False
+    torch.testing.assert_close(u[outside], ((z + 1) / tau)[outside], rtol=1e-13, atol=0)
+    z2 = torch.where(outside, torch.randn_like(z), z)
+    torch.testing.assert_close(framed(z2, r, t, y)[inside], u[inside], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw, needle", [(dict(canvas=5), "canvas 5"), (dict(canvas=3), "canvas 3"),
+                                        (dict(canvas=10), "canvas 10"), (dict(canvas=4, prediction="u"), "canvas")])
+def test_bad_canvas_is_refused(kw, needle):
+    kw = {"prediction": "x", **kw}
+    with pytest.raises(ValueError, match=needle):
+        create_model("DiT-Nano/2", input_size=8, in_channels=1, num_classes=0, **kw)
