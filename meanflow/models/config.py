@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from meanflow.models import MODEL_NAMES
-from meanflow.models.dit import HEADS
+from meanflow.models.dit import HEADS, canvas_error
 from meanflow.models.prediction import PREDICTIONS
 
 
@@ -43,13 +43,11 @@ class ModelConfig:
         if self.long_skips and not self.name.startswith("DiT-"):
             raise ValueError(f"model.long_skips: a DiT option (skips between its blocks); {self.name} has none")
         if self.canvas:
-            patch = int(self.name.split("/")[-1]) if self.name.startswith("DiT-") else 0
-            if not patch or self.prediction == "u":
-                raise ValueError(f"model.canvas: a DiT option for image predictions (\"x\", \"x_tanh\"); got "
-                                 f"{self.name} predicting {self.prediction!r}")
-            if not 0 < self.canvas < self.input_size or (self.input_size - self.canvas) % 2 or self.canvas % patch:
-                raise ValueError(f"model.canvas: must be below model.input_size {self.input_size} by an even number "
-                                 f"of pixels and divisible by the patch size {patch}, got {self.canvas}")
+            if not self.name.startswith("DiT-"):
+                raise ValueError(f"model.canvas: a DiT option (its patches tile the canvas); {self.name} has none")
+            error = canvas_error(self.input_size, int(self.name.split("/")[-1]), self.canvas, self.prediction)
+            if error:
+                raise ValueError(f"model.{error}")
         if self.name == "MLP" and self.head != "linear":
             raise ValueError(f"model.head: {self.head!r} is a DiT head over image patches; the MLP has none")
 

@@ -141,6 +141,18 @@ HEADS = ("linear", "conv")
 BACKGROUND = -1.0  # the clean image outside a canvas: black, for images scaled to [-1, 1]
 
 
+def canvas_error(input_size: int, patch_size: int, canvas: int, prediction: str):
+    """Why a DiT of these sizes cannot draw on this canvas (0: none), or None when it can."""
+    if canvas in (0, input_size):
+        return None
+    if prediction == "u":
+        return f"canvas {canvas}: needs an image prediction (\"x\" or \"x_tanh\"): u has no background"
+    if not 0 < canvas < input_size or (input_size - canvas) % 2 or canvas % patch_size:
+        return (f"canvas {canvas}: must be below input_size {input_size} by an even number of pixels and divisible "
+                f"by patch_size {patch_size}")
+    return None
+
+
 class LongSkip(nn.Module):
     """U-ViT's long skip into a second-half block: Linear([x ; skip]) from 2D to D features per token.
 
@@ -210,13 +222,10 @@ class DiT(nn.Module):
         self.prediction = prediction  # "u": the output is u; "x": a clean image u is read from (models.prediction)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        error = canvas_error(input_size, patch_size, canvas, prediction)
+        if error:
+            raise ValueError(error)
         canvas = canvas or input_size
-        if canvas != input_size:
-            if prediction == "u":
-                raise ValueError("canvas: needs an image prediction (\"x\" or \"x_tanh\"): u has no background")
-            if not 0 < canvas < input_size or (input_size - canvas) % 2 or canvas % patch_size:
-                raise ValueError(f"canvas {canvas}: must be below input_size {input_size} by an even number of "
-                                 f"pixels and divisible by patch_size {patch_size}")
         self.canvas, self.margin = canvas, (input_size - canvas) // 2  # margin: pixels of background on each side
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
