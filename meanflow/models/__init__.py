@@ -46,7 +46,7 @@ def create_model(name: str, **overrides):
     """Build a model by registry name; keyword overrides replace the size's defaults.
 
     DiT overrides: input_size, in_channels, num_classes, hidden_size, depth, num_heads, mlp_ratio, time_scale,
-    prediction, head, long_skips.
+    prediction, head, long_skips, canvas.
     MLP overrides: dim, width, depth, num_classes, time_scale.
     iMF overrides: input_size, in_channels, num_classes, hidden_size, depth, num_heads, mlp_ratio, aux_head_depth
     (None: the size's; 0: the inference model, without the v-head), weight_init_constant.

@@ -378,6 +378,7 @@ class DiT(nn.Module):
         if not self.margin:
             u = velocity_from_output(z, t, out, self.prediction)
             return u, velocity_from_output_tangent(z, t, out, dz, dt, dout, self.prediction)
-        image = self._pad(image_from_output(out, self.prediction), BACKGROUND)
-        dimage = self._pad(image_from_output_tangent(out, dout, self.prediction), 0.0)  # the background is constant
+        image = image_from_output(out, self.prediction)
+        dimage = self._pad(image_from_output_tangent(image, dout, self.prediction), 0.0)  # the background is constant
+        image = self._pad(image, BACKGROUND)
         return velocity_from_image(z, t, image), velocity_from_image_tangent(z, t, image, dz, dt, dimage)

@@ -46,7 +46,7 @@ def velocity_from_output_tangent(z, t, out, dz, dt, dout, prediction):
     if prediction == "u":
         return dout
     image = image_from_output(out, prediction)
-    return velocity_from_image_tangent(z, t, image, dz, dt, image_from_output_tangent(out, dout, prediction))
+    return velocity_from_image_tangent(z, t, image, dz, dt, image_from_output_tangent(image, dout, prediction))
 
 
 def image_from_output(out, prediction):
@@ -55,10 +55,11 @@ def image_from_output(out, prediction):
 
 
 @torch.no_grad()
-def image_from_output_tangent(out, dout, prediction):
-    """dD for image_from_output given dout: (1 - tanh(out)^2) dout for "x_tanh", dout for "x"; in dout's dtype."""
+def image_from_output_tangent(image, dout, prediction):
+    """dD for image_from_output given its result ``image`` = D and dout: (1 - D^2) dout for "x_tanh" (D = tanh(out)),
+    dout for "x"; in dout's dtype."""
     if prediction == "x_tanh":
-        return (1 - torch.tanh(out).to(dout.dtype).square()) * dout
+        return (1 - image.to(dout.dtype).square()) * dout
     return dout
 
 
