@@ -48,10 +48,11 @@ test-all: $(STAMP)
 # of each sample (2-NFE FID: meanflow.evaluate --steps 2 at the same --inception-precision, ~45 s more).
 # Training is one process on every core's thread: on a 2-core CPU its step is 1.75x faster than torchrun's two
 # single-thread processes (FSDP2 over gloo), README "Demo"; evaluation splits its work over NPROC processes.
-# On a CPU with AMX the Inception runs in bf16: 2.5x faster than fp32 (half of the demo's time was the Inception),
-# its FIDs within 1% of fp32's (meanflow/fid.py); DEMO_FID_PRECISION=fp32 gives the standard's exact figures.
+# On a CPU with bf16 matrix instructions (Intel AMX, or AVX512-BF16 as on AMD Zen 4) the Inception runs in bf16: 2.5x
+# faster than fp32 on either (half of the demo's time was the Inception), its FIDs within 1% of fp32's
+# (meanflow/fid.py); DEMO_FID_PRECISION=fp32 gives the standard's exact figures.
 DEMO_OUT ?= runs/mnist-demo
-DEMO_FID_PRECISION ?= $(shell grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null && echo bf16 || echo fp32)
+DEMO_FID_PRECISION ?= $(shell grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null && echo bf16 || echo fp32)
 demo: $(DEMO_STAMP)
 	$(PY) -m meanflow.train --config mnist-demo --train.out=$(DEMO_OUT)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m meanflow.evaluate -- --run $(DEMO_OUT) \

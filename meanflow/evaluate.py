@@ -28,9 +28,9 @@ over the ranks) and cached in --ref-cache (default the run folder). --ref works 
 no real-vs-real floor. images_per_second_{k}nfe: n over the slowest rank's time to sample, decode and extract.
 Real set: the first n items of epoch 0 in the trainer's own order (seed train.seed, world size 1, no flips), scaled
 back by 1 / data.scale; their features are cached in RUN/fid_real_<items>.npz (meanflow.real_features).
---inception-precision bf16 runs the Inception under bf16 autocast (meanflow.fid: ~2.5x faster on a CPU with AMX,
-within 1% of fp32 on the demo's digits); the JSON's inception_precision and every logged FID line say so, and its
-real features are cached apart (fid_real_<items>_bf16.npz).
+--inception-precision bf16 runs the Inception under bf16 autocast (meanflow.fid: ~2.5x faster on a CPU with AMX or
+AVX512-BF16, within 1% of fp32 on the demo's digits); the JSON's inception_precision and every logged FID line say
+so, and its real features are cached apart (fid_real_<items>_bf16.npz).
 real_vs_real_floor: FID between those n items and the next n (needs 2n items; null otherwise or with --no-floor):
 the value a perfect model would get at this n. Small n inflate FID, so compare numbers only at equal n.
 
@@ -442,8 +442,9 @@ def evaluate_run(run, steps=(1, 2), n=None, batch=50, seed=None, device="cpu", f
     vae: the VAE that decodes a latent run's samples (None: the manifest's); ref_cache: where a folder's statistics
     are cached (None: the run folder); omega, interval ('A,B' or a pair): an iMF run's sampling guidance (None: the
     run's objective.imf_sample_*); inception_precision: "fp32" (the standard) or "bf16" (meanflow.fid: faster on
-    CPUs with AMX and on GPUs, within 1% of fp32 on the demo). Inside a process group (torchrun) the work is split
-    over the ranks and every rank returns the dict. Bad input raises ConfigError (a ValueError) naming the argument.
+    CPUs with AMX or AVX512-BF16 and on GPUs, within 1% of fp32 on the demo). Inside a process group (torchrun) the
+    work is split over the ranks and every rank returns the dict. Bad input raises ConfigError (a ValueError) naming
+    the argument.
     """
     d = _current_dist()
     say = log if progress and d.is_main else _quiet
@@ -509,8 +510,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-floor", action="store_true", help="skip the real-vs-real floor (saves n real images)")
     p.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's SHA-256 sums")
     p.add_argument("--inception-precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 (the standard) or bf16: ~2.5x faster on a CPU with AMX, FID within 1%% of fp32 on the "
-                   "demo; compare FIDs only at one precision")
+                   help="fp32 (the standard) or bf16: ~2.5x faster on a CPU with AMX or AVX512-BF16, FID within 1%% of "
+                   "fp32 on the demo; compare FIDs only at one precision")
     add_guidance_options(p)
     args = p.parse_args(argv)
     d = None

@@ -21,9 +21,10 @@ F.interpolate, or rounding after the resize, shifts the features), grey copied t
 (u8 - 128) / 128 and clamped to the model's range [-1, 127/128] as the package does.
 
 Precision: fp32 by default, the standard. ``precision="bf16"`` runs the model under bf16 autocast: on a CPU with
-AMX (Intel Sapphire Rapids and later) ~2.5x faster than fp32 at the default batch, and on a GPU faster still, at a
-small, measured cost in exactness (the demo's digits, same samples and real sets, one run: 1-NFE FID 49.07 against
-48.59 in fp32, real-vs-real floor 11.04 against 11.07, i.e. within 1%). Compare FIDs only at the same precision:
+AMX (Intel Sapphire Rapids and later) or AVX512-BF16 (AMD Zen 4) ~2.5x faster than fp32 at the default batch, and on
+a GPU faster still, at a small, measured cost in exactness (the demo's digits, same samples and real sets: 1-NFE FID
+49.07 against 48.59 in fp32, real-vs-real floor 11.04 against 11.07 on an Intel CPU; 40.07 against 39.94 and 11.04
+against 11.07 on an AMD one, i.e. within 1%). Compare FIDs only at the same precision:
 evaluation records it, and real-feature caches are kept apart by it.
 
 Small sets inflate FID (measured on MNIST, real half vs real half: 4.79 at n = 2500, 10.9 at 1000, 18.3 at 500):
