@@ -1,7 +1,8 @@
 """Model registry: ``create_model(name, **overrides)``.
 
 Paper sizes (DiT-S/B/M/L/XL with patch 2, 4 or 8: "DiT-XL/2", "DiT-B/4", ...), small sizes for CPU work
-("DiT-Tiny/4", "DiT-Nano/2", ...) and "MLP" for vector data. Every model is called as ``model(z, r, t, y=None)``
+("DiT-Tiny/4", "DiT-Nano/2", ...; patch 6 too, "DiT-Micro/6", for a canvas of 24 or 30 pixels: the MNIST demo's 4 x 4
+tokens) and "MLP" for vector data. Every model is called as ``model(z, r, t, y=None)``
 and has ``dual(z, r, t, y, dz, dr, dt) -> (u, du)``.
 
 iMF's in-context DiT ("iMF-B/2", ..., "iMF-XL/2", small "iMF-Micro/8", "iMF-Nano/2", ...) also takes
@@ -26,6 +27,7 @@ DIT_SIZES = {
     "Nano": (2, 64, 2),
 }
 PATCHES = (2, 4, 8)
+SMALL_SIZES, SMALL_PATCHES = ("Tiny", "Micro", "Nano"), (2, 4, 6, 8)  # 6: a 24 x 24 canvas of a 32 x 32 input
 
 # (depth, hidden, heads, aux_head_depth): iMF's sizes, head dim 64; depth counts the trunk plus one head's blocks.
 IMF_SIZES = {
@@ -38,7 +40,8 @@ IMF_SIZES = {
     "Nano": (2, 64, 2, 1),
 }
 
-MODEL_NAMES = (tuple(f"DiT-{size}/{p}" for size in DIT_SIZES for p in PATCHES) + ("MLP",)
+MODEL_NAMES = (tuple(f"DiT-{size}/{p}" for size in DIT_SIZES
+                     for p in (SMALL_PATCHES if size in SMALL_SIZES else PATCHES)) + ("MLP",)
                + tuple(f"iMF-{size}/{p}" for size in IMF_SIZES for p in PATCHES))
 
 

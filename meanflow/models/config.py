@@ -48,6 +48,9 @@ class ModelConfig:
             error = canvas_error(self.input_size, int(self.name.split("/")[-1]), self.canvas, self.prediction)
             if error:
                 raise ValueError(f"model.{error}")
+        if self.name != "MLP" and (self.canvas or self.input_size) % int(self.name.split("/")[-1]):
+            raise ValueError(f"model.input_size: {self.input_size} is not divisible by {self.name}'s patch "
+                             f"{self.name.split('/')[-1]}; choose another patch, or a model.canvas that is")
         if self.name == "MLP" and self.head != "linear":
             raise ValueError(f"model.head: {self.head!r} is a DiT head over image patches; the MLP has none")
 

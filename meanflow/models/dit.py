@@ -7,7 +7,8 @@
     long_skips (U-ViT, Bao et al.): block i of the second half reads W_i [x ; x_j], x_j the input of its mirror
                block j = L - 1 - i of the first half
     canvas     (image predictions): the patches tile only the centred canvas x canvas window of z, and the clean image
-               D is the background (-1) outside it, so u = (z + 1) / tau there
+               D is the background (-1) outside it, so u = (z + 1) / tau there; only the canvas need be divisible by
+               the patch (the demo: patch 6 on a 24 x 24 canvas of a 32 x 32 input)
 
 ``forward(z, r, t, y)`` is the plain network u(z, r, t | y). ``dual(z, r, t, y, dz, dr, dt)`` returns (u, du): the
 same u with its graph, and its directional derivative along (dz, dr, dt) with no graph. Attention and adaLN call
@@ -220,11 +221,12 @@ class DiT(nn.Module):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.prediction = prediction  # "u": the output is u; "x": a clean image u is read from (models.prediction)
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         error = canvas_error(input_size, patch_size, canvas, prediction)
         if error:
             raise ValueError(error)
+        if (canvas or input_size) % patch_size:  # the patches tile the canvas, or all of the input without one
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size} (a canvas that is "
+                             f"would do)")
         canvas = canvas or input_size
         self.canvas, self.margin = canvas, (input_size - canvas) // 2  # margin: pixels of background on each side
         if num_classes < 0:

@@ -101,6 +101,9 @@ def small_model(kind, dtype=torch.float64):
     elif kind == "dit_canvas":  # the demo's shape: tanh image on a centred canvas (background outside), long skips
         model = create_model("DiT-Nano/2", input_size=8, in_channels=3, num_classes=4, hidden_size=32, num_heads=2,
                              depth=3, prediction="x_tanh", long_skips=True, canvas=4)
+    elif kind == "dit_canvas_odd":  # as the demo's patch 6 on its 24 x 24 canvas: the patch does not divide the input
+        model = create_model("DiT-Nano/2", patch_size=3, input_size=8, in_channels=3, num_classes=4, hidden_size=32,
+                             num_heads=2, depth=2, prediction="x_tanh", long_skips=True, canvas=6)
     elif kind == "dit_canvas_x":
         model = create_model("DiT-Nano/2", input_size=10, in_channels=3, num_classes=4, hidden_size=32, num_heads=2,
                              prediction="x", canvas=6)

@@ -48,6 +48,7 @@ def test_contract_override_keys_exist_and_convert():
         (["--config", "toy-moons", "--model.long_skips=true"], "model.long_skips"),
         (["--model.canvas=20"], "model.canvas"),
         (["--model.canvas=24", "--model.prediction=u"], "model.canvas"),
+        (["--model.canvas=0"], "model.input_size"),  # the demo's patch 6 tiles its 24 x 24 canvas, not 32 x 32
         (["--config", "no-such-preset"], "no-such-preset"),
         (["train.steps=3"], "train.steps=3"),
         (["--config"], "--config"),

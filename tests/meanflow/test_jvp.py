@@ -9,7 +9,7 @@ from meanflow.objective import adaptive_loss, meanflow_target
 from tests.meanflow.reference_models import random_inputs, small_model
 
 KINDS = ["dit", "dit_uncond", "mlp", "dit_x", "mlp_x", "dit_conv", "dit_x_tanh", "mlp_x_tanh", "dit_skips",
-         "dit_canvas", "dit_canvas_x"]
+         "dit_canvas", "dit_canvas_odd", "dit_canvas_x"]
 
 
 def rel_err(a, b):

@@ -25,7 +25,7 @@ def test_paper_sizes_have_the_papers_parameter_count(name, millions):
 def test_every_registered_name_builds():
     with torch.device("meta"):
         for name in MODEL_NAMES:
-            kw = {"dim": 3} if name == "MLP" else {}
+            kw = {"dim": 3} if name == "MLP" else {"input_size": 24} if name.endswith("/6") else {}
             assert isinstance(create_model(name, **kw), torch.nn.Module)
 
 
@@ -125,20 +125,22 @@ def test_x_prediction_reads_u_from_the_image_the_network_outputs(name, kw, seed)
 
 
 @pytest.mark.parametrize("prediction", ["x", "x_tanh"])
-def test_canvas_draws_the_centre_and_the_background_around_it(prediction, seed):
+@pytest.mark.parametrize("canvas, patch", [(4, 2), (6, 3)])  # (6, 3): the patch divides the canvas, not the input
+def test_canvas_draws_the_centre_and_the_background_around_it(prediction, canvas, patch, seed):
     """canvas c: D on the centred c x c window is what the same weights draw on a c x c input; outside, D = -1, so
     u = (z + 1) / tau there, and z outside the window changes nothing else."""
     from meanflow.models.prediction import T_MIN
     from tests.meanflow.reference_models import randomize
 
-    kw = dict(in_channels=3, num_classes=4, prediction=prediction)
-    small = randomize(create_model("DiT-Nano/2", input_size=4, **kw).double())
-    framed = create_model("DiT-Nano/2", input_size=8, canvas=4, **kw).double()
+    kw = dict(in_channels=3, num_classes=4, prediction=prediction, patch_size=patch)
+    small = randomize(create_model("DiT-Nano/2", input_size=canvas, **kw).double())
+    framed = create_model("DiT-Nano/2", input_size=8, canvas=canvas, **kw).double()
     framed.load_state_dict(small.state_dict())
     z, r, t, y, _ = random_inputs(framed, batch=4)
     tau = t.clamp_min(T_MIN).view(-1, 1, 1, 1)
     u = framed(z, r, t, y)
-    inside = (slice(None), slice(None), slice(2, 6), slice(2, 6))
+    m = (8 - canvas) // 2
+    inside = (slice(None), slice(None), slice(m, m + canvas), slice(m, m + canvas))
     torch.testing.assert_close(u[inside], small(z[inside], r, t, y), rtol=1e-13, atol=0)
     outside = torch.ones_like(z, dtype=torch.bool)
     outside[inside] = False
@@ -148,7 +150,8 @@ def test_canvas_draws_the_centre_and_the_background_around_it(prediction, seed):
 
 
 @pytest.mark.parametrize("kw, needle", [(dict(canvas=5), "canvas 5"), (dict(canvas=3), "canvas 3"),
-                                        (dict(canvas=10), "canvas 10"), (dict(canvas=4, prediction="u"), "canvas")])
+                                        (dict(canvas=10), "canvas 10"), (dict(canvas=4, prediction="u"), "canvas"),
+                                        (dict(patch_size=3), "input_size 8 is not divisible by patch_size 3")])
 def test_bad_canvas_is_refused(kw, needle):
     kw = {"prediction": "x", **kw}
     with pytest.raises(ValueError, match=needle):
