@@ -51,8 +51,8 @@ def _mnist_demo():
     their floors (mean 3.16x), and 38.1 / 35.2 at 2400 steps (seeds 0 / 1): unlike patch 8 it still gains with steps.
     At 3200 steps too: patch 7 on a 28x28 canvas (the whole digit, 16 tokens of 7x7) 33.5 / 35.6; width 192 (6
     heads; 1.8x the step) 38.7 and batch 128 (2x) 34.6 on seed 0. 3600 steps: 33.4 / 35.6 on seeds 0 / 2 (against
-    33.8 / 36.6). bf16 training (fp32 tangents; a step 0.76x fp32's here) 39.0 / 30.8 on seeds 0 / 1, not adopted. At 2800
-    steps make demo read 36.7 in 6 min 52 s from a fresh clone; 3200 steps fit as well (README, "Demo").
+    33.8 / 36.6). bf16 training (fp32 tangents; a step 0.76x fp32's here) 39.0 / 30.8 on seeds 0 / 1, not adopted.
+    At 2800 steps make demo read 36.7 in 6 min 52 s from a fresh clone; 3200 steps fit as well (README, "Demo").
     """
     return {
         "model": {"name": "DiT-Micro/6", "input_size": 32, "in_channels": 1, "num_classes": 10,

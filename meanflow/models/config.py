@@ -42,15 +42,12 @@ class ModelConfig:
             raise ValueError(f"model.head: must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.long_skips and not self.name.startswith("DiT-"):
             raise ValueError(f"model.long_skips: a DiT option (skips between its blocks); {self.name} has none")
-        if self.canvas:
-            if not self.name.startswith("DiT-"):
-                raise ValueError(f"model.canvas: a DiT option (its patches tile the canvas); {self.name} has none")
+        if self.canvas and not self.name.startswith("DiT-"):
+            raise ValueError(f"model.canvas: a DiT option (its patches tile the canvas); {self.name} has none")
+        if self.name != "MLP":  # the patches must tile the canvas (iMF models: the whole input)
             error = canvas_error(self.input_size, int(self.name.split("/")[-1]), self.canvas, self.prediction)
             if error:
                 raise ValueError(f"model.{error}")
-        if self.name != "MLP" and (self.canvas or self.input_size) % int(self.name.split("/")[-1]):
-            raise ValueError(f"model.input_size: {self.input_size} is not divisible by {self.name}'s patch "
-                             f"{self.name.split('/')[-1]}; choose another patch, or a model.canvas that is")
         if self.name == "MLP" and self.head != "linear":
             raise ValueError(f"model.head: {self.head!r} is a DiT head over image patches; the MLP has none")
 

@@ -143,8 +143,11 @@ BACKGROUND = -1.0  # the clean image outside a canvas: black, for images scaled 
 
 
 def canvas_error(input_size: int, patch_size: int, canvas: int, prediction: str):
-    """Why a DiT of these sizes cannot draw on this canvas (0: none), or None when it can."""
+    """Why a DiT of these sizes cannot draw on this canvas (0: none, the patches tile the whole input), or None when
+    it can. Only the tiled side need be divisible by the patch."""
     if canvas in (0, input_size):
+        if input_size % patch_size:
+            return f"input_size {input_size} is not divisible by patch_size {patch_size}"
         return None
     if prediction == "u":
         return f"canvas {canvas}: needs an image prediction (\"x\" or \"x_tanh\"): u has no background"
@@ -224,9 +227,6 @@ class DiT(nn.Module):
         error = canvas_error(input_size, patch_size, canvas, prediction)
         if error:
             raise ValueError(error)
-        if (canvas or input_size) % patch_size:  # the patches tile the canvas, or all of the input without one
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size} (a canvas that is "
-                             f"would do)")
         canvas = canvas or input_size
         self.canvas, self.margin = canvas, (input_size - canvas) // 2  # margin: pixels of background on each side
         if num_classes < 0:
