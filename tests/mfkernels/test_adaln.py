@@ -63,18 +63,18 @@ def _check_adaln_case(B, N, C, dtype):
     dx, dx64 = _randn(B, N, C, dtype=dtype)
     dshift, dshift64 = _randn(B, C, dtype=dtype)
     dscale, dscale64 = _randn(B, C, dtype=dtype)
-    w = torch.randn(B, N, C, dtype=torch.float64)
+    w, w64 = _randn(B, N, C, dtype=dtype)  # the upstream gradient: the reference sees its rounded values too
 
     y = mfkernels.adaln_modulate(x, shift, scale)
     assert type(y.grad_fn).__name__.startswith("_AdaLNModulate"), "the kernels did not run"
     y2, dy = mfkernels.adaln_modulate_jvp(x, shift, scale, dx, dshift, dscale)
     assert torch.equal(y2, y)
     assert y.dtype == dy.dtype == dtype and not dy.requires_grad
-    grads = _grads(y, w.to(dtype), (x, shift, scale))
+    grads = _grads(y, w, (x, shift, scale))
 
     y_ref = adaln.adaln_modulate_reference(x64, shift64, scale64)
     dy_ref = adaln.adaln_tangent_reference(x64, shift64, scale64, dx64, dshift64, dscale64)
-    grads_ref = _grads(y_ref, w, (x64, shift64, scale64))
+    grads_ref = _grads(y_ref, w64, (x64, shift64, scale64))
 
     y_t, dy_t, grads_t = [None], [None], [None] * 3
     if dtype in (torch.float16, torch.bfloat16):
@@ -82,7 +82,7 @@ def _check_adaln_case(B, N, C, dtype):
         y_t = [adaln.adaln_modulate_reference(x, shift, scale)]
         dy_t = [adaln.adaln_modulate_jvp_torch(x, shift, scale, dx, dshift, dscale)[1],
                 adaln.adaln_tangent_reference(x, shift, scale, dx, dshift, dscale)]
-        grads_t = _grads(y_t[0], w.to(dtype), (x, shift, scale))
+        grads_t = _grads(y_t[0], w, (x, shift, scale))
 
     _assert_close("y", y, y_ref, dtype, y_t)
     _assert_close("dy", dy, dy_ref, dtype, dy_t)
@@ -122,21 +122,21 @@ def test_gated_residual_matches_float64_reference(triton_backend, seed, dtype, N
     dx, dx64 = _randn(B, N, C, dtype=dtype)
     dgate, dgate64 = _randn(B, C, dtype=dtype)
     dy, dy64 = _randn(B, N, C, dtype=dtype)
-    w = torch.randn(B, N, C, dtype=torch.float64)
+    w, w64 = _randn(B, N, C, dtype=dtype)  # the upstream gradient: the reference sees its rounded values too
 
     out = mfkernels.gated_residual(x, gate, y)
     assert type(out.grad_fn).__name__.startswith("_GatedResidual"), "the kernels did not run"
     out2, dout = mfkernels.gated_residual_jvp(x, gate, y, dx, dgate, dy)
     assert torch.equal(out2, out)
     assert out.dtype == dout.dtype == dtype and not dout.requires_grad
-    grads = _grads(out, w.to(dtype), (x, gate, y))
+    grads = _grads(out, w, (x, gate, y))
 
     out_ref, dout_ref = gr.gated_residual_jvp_torch(x64, gate64, y64, dx64, dgate64, dy64)
-    grads_ref = _grads(out_ref, w, (x64, gate64, y64))
+    grads_ref = _grads(out_ref, w64, (x64, gate64, y64))
     out_t, dout_t, grads_t = None, None, [None] * 3
     if dtype in (torch.float16, torch.bfloat16):  # torch's own computation in this dtype, the yardstick there
         out_t, dout_t = gr.gated_residual_jvp_torch(x, gate, y, dx, dgate, dy)
-        grads_t = _grads(out_t, w.to(dtype), (x, gate, y))
+        grads_t = _grads(out_t, w, (x, gate, y))
 
     _assert_close("out", out, out_ref, dtype, [out_t])
     _assert_close("dout", dout, dout_ref, dtype, [dout_t])
