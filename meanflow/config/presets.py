@@ -53,6 +53,12 @@ def _mnist_demo():
     heads; 1.8x the step) 38.7 and batch 128 (2x) 34.6 on seed 0. 3600 steps: 33.4 / 35.6 on seeds 0 / 2 (against
     33.8 / 36.6). bf16 training (fp32 tangents; a step 0.76x fp32's here) 39.0 / 30.8 on seeds 0 / 1, not adopted.
     At 2800 steps make demo read 36.7 in 6 min 52 s from a fresh clone; 3200 steps fit as well (README, "Demo").
+    Then (the same EPYC, 3200 steps, one thread): bf16 training at batch 96 (a step 1.09x fp32's at 64, two threads)
+    33.7, 29.6, 35.0, 30.0 on seeds 0-3 (2.97x the floors on average, against 3.16x): make demo adds it where the CPU
+    has bf16 matrix instructions (Makefile, DEMO_TRAIN_FLAGS), this preset stays fp32 for the CPUs that emulate bf16.
+    Not better on seed 0 (against 33.8): class_drop 0.2, 36.9; guidance scale 2.5 (cfg_w 1.25), 34.6; the whole digit
+    on a 30x30 canvas (25 tokens, a step 1.59x) at 2000 steps, 37.7 (seed 2: 40.0 against 36.6); time_scale 100, 137.8
+    (seed 2: 62.2; the target's du/dt a hundred times rougher, layers.TimestepEmbedder).
     """
     return {
         "model": {"name": "DiT-Micro/6", "input_size": 32, "in_channels": 1, "num_classes": 10,
