@@ -68,7 +68,10 @@ def triton_backend():
 @pytest.fixture
 def seed():
     """A fresh seed per test run, printed so that a failure can be replayed (MEANFLOW_TEST_SEED=<seed> pytest ...)."""
-    s = int(os.environ.get("MEANFLOW_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    given = os.environ.get("MEANFLOW_TEST_SEED")
+    if given is not None and not given.isdigit():
+        raise pytest.UsageError(f"MEANFLOW_TEST_SEED must be a non-negative integer (a printed seed), got {given!r}")
+    s = int(given) if given is not None else int.from_bytes(os.urandom(4), "little")
     print(f"seed={s}")
     torch.manual_seed(s)
     return s
