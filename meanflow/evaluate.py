@@ -91,6 +91,7 @@ from meanflow.fid import (
     check_inception_available,
     fid_from_features,
 )
+from meanflow.host_malloc import keep_freed_memory
 from meanflow.latent_runs import LatentDecoder, is_latent_run
 from meanflow.real_features import plan_real, real_items, write_real_cache
 from meanflow.reference_stats import (
@@ -515,6 +516,8 @@ def main(argv=None) -> int:
     add_guidance_options(p)
     args = p.parse_args(argv)
     d = None
+    if args.device == "cpu":
+        keep_freed_memory()  # Inception and sampling ~5% faster (meanflow.host_malloc)
     try:
         if "WORLD_SIZE" in os.environ:  # under torchrun: join its process group, split the work
             d = init_distributed()

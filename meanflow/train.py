@@ -21,6 +21,7 @@ from meanflow.checkpoint import CheckpointError
 from meanflow.config import ConfigError, config_json, help_text, resolve_config
 from meanflow.data import DataError
 from meanflow.distributed import PeerFailed, init_distributed, shutdown
+from meanflow.host_malloc import keep_freed_memory
 from meanflow.trainer.loop import Trainer, TrainingDiverged
 from meanflow.trainer.preemption import PREEMPTED, Preempted
 from meanflow.trainer.run_folder import RunFolderError
@@ -42,6 +43,8 @@ def main(argv=None) -> int:
             return 0
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         d = init_distributed()
+        if d.device.type == "cpu":
+            keep_freed_memory()  # a CPU step ~12% faster (meanflow.host_malloc)
         if not d.is_main:
             logging.getLogger().setLevel(logging.WARNING)
         Trainer(cfg, d).run()

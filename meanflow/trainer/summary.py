@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mfkernels
+from meanflow import host_malloc
 from meanflow.flops import config_step_flops
 from meanflow.models import create_model
 from mfkernels._backend import backend_summary
@@ -50,6 +51,7 @@ def run_summary(trainer) -> dict:
         "data": {"source": cfg.data.source, "backend": trainer.loader.backend, "items": trainer.loader.num_items,
                  "steps_per_epoch": trainer.loader.steps_per_epoch},
         "kernels": backend_summary(d.device),
+        "host_malloc": host_malloc.state(),
         "compile": cfg.train.compile,
         "activation_checkpointing": cfg.train.activation_checkpointing,
         "resume_step": trainer.step if trainer.resumed_at is not None else None,
@@ -70,5 +72,6 @@ def format_summary(s: dict) -> str:
         f"{s['activation_checkpointing']}",
         f"data: {data['source']} via {data['backend']}, {data['items']} items, {data['steps_per_epoch']} steps/epoch",
         f"kernels: {kernels}",
+        f"host memory: {s['host_malloc']}",
         "start: fresh" if s["resume_step"] is None else f"start: resumed at step {s['resume_step']}",
     ])
