@@ -46,7 +46,7 @@
 #undef MFK_SUFFIX
 
 /* Lets the loader check that it opened the library it expects (bumped whenever a signature changes). */
-MFK_EXPORT int mfk_abi_version(void) { return 2; }
+MFK_EXPORT int mfk_abi_version(void) { return 3; }
 
 /* 1 when built with OpenMP threads, 0 when every call runs on the calling thread. */
 MFK_EXPORT int mfk_has_openmp(void) {

@@ -64,12 +64,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def backend_summary(device: torch.device) -> dict:
     """Which implementation each op runs for tensors on `device` under the current switch, for a run's summary:
     "triton" (compiled kernels), "interpreter" (the same kernels on CPU), "native" (the C kernels of the CPU adaLN dual
-    op and of fp32 GELU), or "torch". Per-call exceptions (fp64 on a GPU, head dims or rows the kernels decline) are
-    not listed."""
+    op and of fp32/bf16 GELU), or "torch". Per-call exceptions (fp64 on a GPU, head dims or rows the kernels decline)
+    are not listed."""
     from mfkernels import _native  # the C library is probed only when a summary asks
 
     native = device.type == "cpu" and _native.native_available()
-    gelu = "native (fp32)" if native else "torch"
+    gelu = "native (fp32, bf16)" if native else "torch"
     backend = get_backend()
     if backend != "torch" and triton_available() and (device.type == "cuda" or _interpreting()):
         kernels = "triton" if device.type == "cuda" else "interpreter"

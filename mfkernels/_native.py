@@ -7,8 +7,8 @@ loaded (another architecture, an old ABI) counts as absent, and :func:`load_erro
 
 Ops: :func:`adaln_forward_cpu`, the adaLN dual forward (math in :mod:`mfkernels.adaln` and csrc/adaln_cpu.c) on
 contiguous CPU fp32/fp64 tensors; :func:`gelu_tanh_forward_cpu` and :func:`gelu_tanh_backward_cpu`, the tanh GELU
-(csrc/gelu_cpu.c) on contiguous CPU fp32 tensors. Each validates what it is given and raises ValueError naming the
-argument: the C side trusts its pointers and shapes.
+(csrc/gelu_cpu.c) on contiguous CPU fp32 or bf16 tensors. Each validates what it is given and raises ValueError
+naming the argument: the C side trusts its pointers and shapes.
 
 The library uses OpenMP threads over rows when it was built with OpenMP; each call passes torch's intra-op thread
 count, so ``torch.set_num_threads`` governs it as it does torch's own kernels. Torch has loaded its libgomp before
@@ -24,7 +24,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 LIBRARY_PATH = Path(__file__).resolve().parent / "_native" / "libmfkernels_cpu.so"
-_ABI_VERSION = 2  # csrc/adaln_cpu.c: mfk_abi_version()
+_ABI_VERSION = 3  # csrc/adaln_cpu.c: mfk_abi_version()
 
 _lib = None
 _load_error = None  # str once a load was tried and failed
@@ -56,9 +56,11 @@ def _load():
         # x, shift, scale, dx, dshift, dscale, y, dy, mean, rstd, B, N, C, eps, num_threads
         fn.argtypes = [p] * 10 + [i64, i64, i64, ctypes.c_double, ctypes.c_int]
         fn.restype = None
-    lib.mfk_gelu_tanh_fwd_f32.argtypes = [p, p, i64, ctypes.c_int]  # x, y, n, num_threads
-    lib.mfk_gelu_tanh_bwd_f32.argtypes = [p, p, p, i64, ctypes.c_int]  # g, x, dx, n, num_threads
-    lib.mfk_gelu_tanh_fwd_f32.restype = lib.mfk_gelu_tanh_bwd_f32.restype = None
+    for suffix in ("f32", "bf16"):
+        fwd, bwd = getattr(lib, f"mfk_gelu_tanh_fwd_{suffix}"), getattr(lib, f"mfk_gelu_tanh_bwd_{suffix}")
+        fwd.argtypes = [p, p, i64, ctypes.c_int]  # x, y, n, num_threads
+        bwd.argtypes = [p, p, p, i64, ctypes.c_int]  # g, x, dx, n, num_threads
+        fwd.restype = bwd.restype = None
     lib.mfk_has_openmp.restype = ctypes.c_int
     _lib = lib
 
@@ -160,20 +162,37 @@ def _gelu_library(op):
     return lib
 
 
+GELU_DTYPES = (torch.float32, torch.bfloat16)
+_GELU_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _gelu_dtype(op, x):
+    if not isinstance(x, torch.Tensor) or x.dtype not in GELU_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{op}: x must be torch.float32 or torch.bfloat16, got {got}")
+    return x.dtype
+
+
 def gelu_tanh_forward_cpu(x):
-    """gelu_tanh(x) by the native kernel: x a contiguous CPU fp32 tensor of any shape; a fresh output, no autograd."""
+    """gelu_tanh(x) by the native kernel: x a contiguous CPU fp32 or bf16 tensor of any shape; a fresh output of its
+    dtype, no autograd."""
     lib = _gelu_library("gelu_tanh_forward_cpu")
-    _check_tensor("gelu_tanh_forward_cpu", "x", x, getattr(x, "shape", ()), torch.float32)
+    dtype = _gelu_dtype("gelu_tanh_forward_cpu", x)
+    _check_tensor("gelu_tanh_forward_cpu", "x", x, x.shape, dtype)
     y = torch.empty_like(x)
-    lib.mfk_gelu_tanh_fwd_f32(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+    getattr(lib, f"mfk_gelu_tanh_fwd_{_GELU_SUFFIX[dtype]}")(x.data_ptr(), y.data_ptr(), x.numel(),
+                                                             torch.get_num_threads())
     return y
 
 
 def gelu_tanh_backward_cpu(g, x):
-    """g * gelu_tanh'(x) by the native kernel (contiguous CPU fp32, one shape); a fresh output, no autograd."""
+    """g * gelu_tanh'(x) by the native kernel (contiguous CPU, one shape, both fp32 or both bf16); a fresh output,
+    no autograd."""
     lib = _gelu_library("gelu_tanh_backward_cpu")
-    _check_tensor("gelu_tanh_backward_cpu", "x", x, getattr(x, "shape", ()), torch.float32)
-    _check_tensor("gelu_tanh_backward_cpu", "g", g, x.shape, torch.float32)
+    dtype = _gelu_dtype("gelu_tanh_backward_cpu", x)
+    _check_tensor("gelu_tanh_backward_cpu", "x", x, x.shape, dtype)
+    _check_tensor("gelu_tanh_backward_cpu", "g", g, x.shape, dtype)
     dx = torch.empty_like(x)
-    lib.mfk_gelu_tanh_bwd_f32(g.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), torch.get_num_threads())
+    getattr(lib, f"mfk_gelu_tanh_bwd_{_GELU_SUFFIX[dtype]}")(g.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(),
+                                                             torch.get_num_threads())
     return dx

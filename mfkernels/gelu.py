@@ -3,10 +3,11 @@
     gelu_tanh(x)             = x (1 + tanh u) / 2,   u = sqrt(2 / pi) (x + 0.044715 x^3)
     gelu_tanh_backward(g, x) = g gelu_tanh'(x)       (the backward; on a tangent dx, the forward-mode tangent)
 
-On plain CPU fp32 tensors (made contiguous if need be), with the native library built and not disabled by
-``MFKERNELS_NATIVE=0``, both run csrc/gelu_cpu.c: torch's CPU tanh-GELU is not vectorised (one thread, 1024 x 512:
-0.95 ms forward and 1.05 ms backward against 0.32 and 0.39 ms native), and a MeanFlow step runs the MLP's GELU five
-times over. Everything else takes torch's ``F.gelu`` / ``aten.gelu_backward``: GPUs, fp64, 16-bit inputs, torch.func
+On plain CPU fp32 or bf16 tensors (all of one dtype, made contiguous if need be), with the native library built and
+not disabled by ``MFKERNELS_NATIVE=0``, both run csrc/gelu_cpu.c: torch's CPU tanh-GELU is not vectorised (one thread,
+1024 x 512: 0.95 ms forward and 1.05 ms backward against 0.32 and 0.39 ms native), and a MeanFlow step runs the MLP's
+GELU five times over; bf16 is what autocast gives the MLP in bf16 training. Everything else takes torch's ``F.gelu`` /
+``aten.gelu_backward``: GPUs, fp64, fp16, mixed dtypes, torch.func
 transforms and forward-mode AD (the Function defines no jvp, and C cannot read wrapped tensors), torch.compile traces,
 and double backward. The kernel is also more accurate than torch's fp32 op (tests/mfkernels/test_gelu_native.py).
 """
@@ -20,7 +21,8 @@ from mfkernels._launch import records_graph
 
 def use_native_gelu(*tensors) -> bool:
     """True when the native kernels can take these tensors and nothing would trace through them."""
-    return all(t.dtype == torch.float32 for t in tensors) and _native.can_run_on(*tensors)
+    dtypes = {t.dtype for t in tensors}
+    return len(dtypes) == 1 and dtypes <= set(_native.GELU_DTYPES) and _native.can_run_on(*tensors)
 
 
 class _GeluTanhNative(torch.autograd.Function):
@@ -43,14 +45,14 @@ class _GeluTanhNative(torch.autograd.Function):
 
 
 def gelu_tanh(x):
-    """GELU, tanh approximation (``F.gelu(x, approximate="tanh")``): native on CPU fp32 (module docstring)."""
+    """GELU, tanh approximation (``F.gelu(x, approximate="tanh")``): native on CPU fp32 and bf16 (module docstring)."""
     if use_native_gelu(x):
         return _GeluTanhNative.apply(x)
     return F.gelu(x, approximate="tanh")
 
 
 def gelu_tanh_backward(g, x):
-    """g * gelu_tanh'(x) (``aten.gelu_backward(g, x, approximate="tanh")``): native on CPU fp32 when no graph is
+    """g * gelu_tanh'(x) (``aten.gelu_backward(g, x, approximate="tanh")``): native on CPU fp32/bf16 when no graph is
     recorded through g or x, torch's differentiable op otherwise."""
     if use_native_gelu(g, x) and not records_graph(g, x):
         return _native.gelu_tanh_backward_cpu(g.contiguous(), x.contiguous())

@@ -1,6 +1,7 @@
 """The native CPU tanh-GELU (csrc/gelu_cpu.c via mfkernels._native) against float64: values, derivative, autograd;
-dispatch (fp32 CPU only; ``MFKERNELS_NATIVE=0``, torch.func, forward-mode AD and double backward route around it);
-a whole model's du/dt no further from the float64 oracle than torch's own fp32 GELU; input validation.
+bf16 rounded once from it; dispatch (fp32 and bf16 CPU only; ``MFKERNELS_NATIVE=0``, torch.func, forward-mode AD
+and double backward route around it); a whole model's du/dt no further from the float64 oracle than torch's own fp32
+GELU; input validation.
 Without the library these tests fail (tests/mfkernels/conftest.py)."""
 
 import pytest
@@ -84,6 +85,48 @@ def test_values_and_derivative_match_float64(seed, native_calls, shape):
     assert native_calls == ["gelu_tanh_forward_cpu", "gelu_tanh_backward_cpu"]
 
 
+def _half_bf16_ulp(v):
+    """Half a bf16 unit in the last place at |v| (8 significant bits: v in [2^k, 2^(k+1)) has ulp 2^(k-7)), taken
+    just above |v| so that a result rounded up across a power of two is covered."""
+    _, e = torch.frexp((v.abs() * (1 + 1e-5)).double())
+    return torch.ldexp(torch.ones_like(v, dtype=torch.float64), e - 9)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 512), (40000,)])
+def test_bf16_is_the_float64_result_rounded_once(seed, native_calls, shape):
+    """bf16 in and out: the fp32 computation of the bf16 input (within the fp32 bound), rounded to the nearest bf16."""
+    x = _x(*shape)[0].bfloat16()
+    g = _x(*shape)[0].bfloat16()
+    x64, g64 = x.double(), g.double()
+    y = mfkernels.gelu_tanh(x)
+    ref = _reference(x64)
+    c = _conditioning(x64)
+    assert y.dtype == torch.bfloat16
+    assert (y.double() - ref).abs().le(RTOL * c * ref.abs() + _half_bf16_ulp(ref) + TINY).all()
+    dx = mfkernels.gelu_tanh_backward(g, x)
+    a, b = _derivative_terms(x64)
+    exact = g64 * (a + b)
+    bound = RTOL * c * g64.abs() * (a.abs() + b.abs()) + _half_bf16_ulp(exact) + TINY
+    assert dx.dtype == torch.bfloat16 and (dx.double() - exact).abs().le(bound).all()
+    assert native_calls == ["gelu_tanh_forward_cpu", "gelu_tanh_backward_cpu"]
+
+
+def test_bf16_agrees_with_torch_bf16_to_one_ulp(seed):
+    """torch's bf16 GELU also computes in fp32 and rounds once: the two differ only where their fp32 values straddle a
+    rounding midpoint, by one bf16 ulp. (Below x ~ -3 torch's fp32 formula loses the tiny result's digits, see
+    test_at_least_as_accurate_as_torch_fp32: not compared there.)"""
+    x = torch.randn(200000).mul(4).clamp(min=-3).bfloat16()
+    ours, torchs = mfkernels.gelu_tanh(x).double(), F.gelu(x, approximate="tanh").double()
+    assert (ours - torchs).abs().le(2 * _half_bf16_ulp(torchs) + TINY).all()
+    assert (ours != torchs).float().mean() < 0.01
+
+
+def test_bf16_nan_and_infinity(seed):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38], dtype=torch.bfloat16)
+    y = mfkernels.gelu_tanh(x)
+    assert y[0].isnan() and y[1] == float("inf") and y[2].isnan() and y[3] == x[3]  # -inf: inf * 0, as torch
+
+
 def test_at_least_as_accurate_as_torch_fp32(seed):
     """Where 1 + tanh u rounds to 0 in fp32 (x below ~-5), torch's fp32 GELU returns 0 or loses its digits; the
     kernel keeps the tiny values to the bound's precision."""
@@ -133,11 +176,17 @@ def test_strided_input_is_copied_not_refused(seed, native_calls):
 # dispatch
 # ----------------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_other_dtypes_take_the_torch_path(seed, native_calls, dtype):
     x = torch.randn(3, 8, dtype=dtype)
     assert torch.equal(mfkernels.gelu_tanh(x), F.gelu(x, approximate="tanh"))
     assert torch.equal(mfkernels.gelu_tanh_backward(x, x), torch.ops.aten.gelu_backward(x, x, approximate="tanh"))
+    assert not native_calls
+
+
+def test_mixed_dtypes_take_the_torch_path(seed, native_calls):
+    g, x = torch.randn(3, 8), torch.randn(3, 8, dtype=torch.bfloat16)
+    assert torch.equal(mfkernels.gelu_tanh_backward(g, x), torch.ops.aten.gelu_backward(g, x, approximate="tanh"))
     assert not native_calls
 
 
@@ -192,7 +241,8 @@ def test_model_dudt_no_further_from_the_oracle_than_torch_gelu(seed, monkeypatch
 def test_bad_input_raises_value_error_naming_the_argument(seed):
     x = torch.randn(4, 8)
     cases = [
-        (_native.gelu_tanh_forward_cpu, (x.double(),), "x must be torch.float32"),
+        (_native.gelu_tanh_forward_cpu, (x.double(),), "x must be torch.float32 or torch.bfloat16"),
+        (_native.gelu_tanh_backward_cpu, (x.bfloat16(), x), "g must be torch.float32"),
         (_native.gelu_tanh_forward_cpu, (x.t(),), "x must be contiguous"),
         (_native.gelu_tanh_backward_cpu, (x[:2], x), "g must have shape"),
         (_native.gelu_tanh_backward_cpu, (x, x.to("meta")), "x must be on the CPU"),
