@@ -17,7 +17,7 @@ import numpy as np
 from meanflow.config import ConfigError
 from meanflow.data import build_dataset_index, build_loader
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the Inception runs channels-last (meanflow.fid.keep_channels_last; bf16 features move ~0.4%)
 _CACHE = re.compile(r"^fid_real_(\d+)(_bf16)?\.npz$")
 
 

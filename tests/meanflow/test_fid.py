@@ -219,6 +219,21 @@ def test_features_are_deterministic_batch_independent_and_match_the_package_pipe
 
 
 @needs_weights
+def test_the_mixed_blocks_keep_channels_last():
+    """meanflow.fid.keep_channels_last: the branch outputs of every mixed block stay channels-last (their values are
+    pinned by the test above, against the package's own unchanged model)."""
+    model = InceptionFeatures(progress=False).load()
+    formats = [node.inputsAt(1).toIValue() for m in model.modules()
+               for node in m.graph.findAllNodes("aten::contiguous")]
+    # one per branch of the 11 mixed blocks: 4 in seven, 3 in the two reductions, 6 in the last two (split branches)
+    assert len(formats) == 7 * 4 + 2 * 3 + 2 * 6 and set(formats) == {2}
+    x = torch.randn(2, 192, 35, 35).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        y = model.net.layers.mixed(x)
+    assert y.shape == (2, 256, 35, 35) and y.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_weights
 @needs_mnist
 def test_bf16_features_stay_close_to_fp32_and_their_fid_far_below_the_real_floor(real_and_noise):
     real, fr, _ = real_and_noise
