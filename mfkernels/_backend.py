@@ -25,7 +25,7 @@ def _interpreting() -> bool:
 @functools.cache
 def triton_available() -> bool:
     """Whether triton imports, probed once per process: Python does not remember a failed import, so without triton
-    every probe would search sys.path again (on every op call: 12 ms of a 140 ms demo step)."""
+    every probe would search sys.path again (45 us on every op call, ~3 ms of a demo training step)."""
     try:
         import triton  # noqa: F401
     except ImportError:
