@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .toy import TOYS
 
 SOURCES = ("mnist", "npy", "images", "toy", "latents")
-LOADERS = ("auto", "dali", "torch")
+LOADERS = ("auto", "dali", "torch", "memory")
 
 
 class DataError(ValueError):
@@ -23,7 +23,8 @@ class DataConfig:
     image_size: int = 32  # "images": shorter side resized to this, then center crop; "mnist": must be 32
     hflip: bool = False  # random horizontal flip, deterministic per (seed, epoch, item)
     scale: float = 1.0  # multiply every sample by this (e.g. 0.18215 for SD-VAE latents)
-    loader: str = "auto"  # "dali", "torch", or "auto" (DALI if importable, else the torch fallback)
+    # "dali", "torch", "memory" (npy and mnist: every item read once into RAM), "auto" (DALI if importable, else torch)
+    loader: str = "auto"
     num_workers: int = 2  # torch DataLoader workers / DALI threads
     skip_nonfinite: bool = False  # items holding NaN/inf: false stops the run naming them; true skips their steps
     toy: str = "checkerboard"  # source "toy": "checkerboard", "8gaussians", "moons" or "gaussian" (data/toy.py)

