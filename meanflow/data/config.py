@@ -23,8 +23,7 @@ class DataConfig:
     image_size: int = 32  # "images": shorter side resized to this, then center crop; "mnist": must be 32
     hflip: bool = False  # random horizontal flip, deterministic per (seed, epoch, item)
     scale: float = 1.0  # multiply every sample by this (e.g. 0.18215 for SD-VAE latents)
-    # "dali", "torch", "memory" (npy and mnist: every item read once into RAM), "auto" (DALI if importable, else torch)
-    loader: str = "auto"
+    loader: str = "auto"  # "dali", "torch", "memory" (npy, mnist: read into RAM once), "auto" (DALI, else torch)
     num_workers: int = 2  # torch DataLoader workers / DALI threads
     skip_nonfinite: bool = False  # items holding NaN/inf: false stops the run naming them; true skips their steps
     toy: str = "checkerboard"  # source "toy": "checkerboard", "8gaussians", "moons" or "gaussian" (data/toy.py)

