@@ -3,6 +3,7 @@ direction-match logic on made-up numbers, a --quick end-to-end grid on the smoke
 evaluator) that writes every table and figure and resumes from its cache, interruption and divergence, the
 evaluator adapters, and bad arguments."""
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -10,7 +11,7 @@ import os
 
 import pytest
 
-from meanflow import experiments
+from meanflow import experiments, train
 from meanflow.ablation import evaluation, grid, process
 from meanflow.ablation.compare import average_ranks, compare_orders, spearman
 from meanflow.config import resolve_config
@@ -146,10 +147,13 @@ def spy(monkeypatch):
     launched, evaluated = [], []
     real_launch = process.launch
 
-    def launch(cmd, *args, **kwargs):
-        if "meanflow.train" in cmd:
-            launched.append(cmd)
-        return real_launch(cmd, *args, **kwargs)
+    def launch(cmd, stdout_path, stderr_path=None, env=None):
+        if "meanflow.train" not in cmd:
+            return real_launch(cmd, stdout_path, stderr_path, env)
+        launched.append(cmd)
+        # the trainer's own code, in this process: a new interpreter for each of a grid's runs costs ~4 s of imports
+        with open(stdout_path, "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            return train.main(cmd[cmd.index("meanflow.train") + 1:])
 
     monkeypatch.setattr(process, "launch", launch)
     monkeypatch.setattr(evaluation, "evaluate_mnist", fake_evaluator(evaluated))

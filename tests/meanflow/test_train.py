@@ -140,7 +140,7 @@ def _fails_cleanly(p, *needles):
         assert needle in p.stderr, (needle, p.stderr[-2000:])
 
 
-def test_bad_input_fails_cleanly_and_changes_nothing(env, tmp_path):
+def test_bad_input_fails_cleanly_and_changes_nothing(env, tmp_path, monkeypatch, capsys):
     good = str(tmp_path / "good")
     run(train_cmd(1, f"--train.out={good}", "--train.steps=3"), env)
     before = snapshot(good)
@@ -160,9 +160,18 @@ def test_bad_input_fails_cleanly_and_changes_nothing(env, tmp_path):
     np.save(corrupt / "a.npy", np.random.default_rng().standard_normal((1, 32, 32)).astype(np.float32))
     (corrupt / "b.npy").write_bytes(b"\x93NUMPY garbage, not an array")
     cases.append((["--data.root=" + str(corrupt.parent)], ["b.npy"]))
+    # in this process (each start of a new one imports torch, ~4 s); the one below runs as a user would
+    from meanflow import train
+
+    for key in ("MEANFLOW_CACHE", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for extra, needles in cases:
-        p = run(train_cmd(1, f"--train.out={good}", "--train.steps=6", *extra), env, check=False)
-        _fails_cleanly(p, *needles)
+        code = train.main(["--config", "smoke", f"--train.out={good}", "--train.steps=6", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "meanflow.train: error:" in err, (extra, err[-2000:])
+        for needle in needles:
+            assert needle in err, (extra, needle, err[-2000:])
         assert snapshot(good) == before, extra
 
     # a folder that is not a run folder is never written into
