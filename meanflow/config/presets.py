@@ -67,7 +67,7 @@ def _mnist_demo():
         "model": {"name": "DiT-Micro/6", "input_size": 32, "in_channels": 1, "num_classes": 10,
                   "prediction": "x_tanh", "long_skips": True, "canvas": 24},
         # the 5000 digits (20 MB) read once into memory: the same batches as the DataLoader's (and DALI's), without
-        # its two workers reading 96 files a step on the cores training runs on (300 steps: 52-53 s against 59-61 s)
+        # its two workers reading 96 files a step on the training cores (300 steps without them: 52-53 s, with 59-61 s)
         "data": {"source": "mnist", "loader": "memory"},
         "objective": {"adaptive_p": 0.75, "adaptive_c": 1e-3, "ratio_r_neq_t": 0.5, "time_mu": -0.4,
                       "class_drop": 0.1, "cfg_w": 1.5, "cfg_k": 0.5},

@@ -143,7 +143,8 @@ def fake_evaluator(calls):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts the trainer launches and stands in for the evaluator (FID itself is tested in test_fid.py)."""
+    """Counts the trainer launches and runs them in this process, and stands in for the evaluator (FID itself is tested
+    in test_fid.py)."""
     launched, evaluated = [], []
     real_launch = process.launch
 
